@@ -1,0 +1,1 @@
+"""absl binaries: the only code that reads flags."""

@@ -1,0 +1,1 @@
+"""elbo-engine: a hand-written training engine for variational inference."""

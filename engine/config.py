@@ -1,0 +1,159 @@
+"""Frozen run configuration with validation up front.
+
+`bin/` turns flags into these dataclasses; library code only ever sees them. Every
+check names the flag (the field name is the flag name), the value and the fix.
+"""
+import dataclasses
+from typing import Optional, Tuple
+
+from engine import errors
+
+INPUT_PIPELINES = ('in_memory', 'tf_data')
+
+
+def _positive_int(name, value, *, allow_zero=False):
+  ok = isinstance(value, int) and not isinstance(value, bool) and (
+      value >= 0 if allow_zero else value > 0)
+  if not ok:
+    bound = 'a non-negative' if allow_zero else 'a positive'
+    raise errors.ConfigError(f'--{name}={value!r}: must be {bound} integer.')
+
+
+def _choice(name, value, choices):
+  if value not in choices:
+    raise errors.ConfigError(
+        f'--{name}={value!r} is not known; choose one of: {", ".join(choices)}.')
+
+
+def _positive_sizes(name, sizes):
+  if not sizes:
+    raise errors.ConfigError(f'--{name} is empty; give at least one layer size, e.g. 512,256.')
+  for s in sizes:
+    if not isinstance(s, int) or isinstance(s, bool) or s <= 0:
+      raise errors.ConfigError(
+          f'--{name}={",".join(map(str, sizes))}: every size must be a positive integer '
+          f'(got {s!r}).')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Which data set, and how it is fed.
+
+  Attributes:
+    dataset: a name from `engine.datasets.DATASET_NAMES`.
+    data_dir: directory searched first for IDX files (None: defaults only).
+    input_pipeline: 'in_memory' (data resident on the device, batches gathered
+      inside the compiled loop; fastest) or 'tf_data' (a tf.data pipeline fed per
+      replica through `distribute_datasets_from_function`). Both give the same
+      batches in the same order.
+    binarize: dynamic binarization (for Bernoulli likelihoods).
+    synthetic_train_size, synthetic_test_size: sizes of the 'synthetic' set.
+  """
+  dataset: str = 'fashion_mnist'
+  data_dir: Optional[str] = None
+  input_pipeline: str = 'in_memory'
+  binarize: bool = True
+  synthetic_train_size: int = 2048
+  synthetic_test_size: int = 512
+
+  def __post_init__(self):
+    _choice('input_pipeline', self.input_pipeline, INPUT_PIPELINES)
+    _positive_int('synthetic_train_size', self.synthetic_train_size)
+    _positive_int('synthetic_test_size', self.synthetic_test_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training schedule and the optimizer.
+
+  Attributes:
+    model_dir: where checkpoints, TensorBoard events, flags and metrics.json go.
+    train_steps: total optimizer steps (a resumed run stops here too).
+    batch_size: the *global* batch size (split evenly across replicas).
+    learning_rate: Adam's learning rate.
+    clip_grad_norm: clip the global gradient norm to this (0: no clipping).
+    steps_per_loop: optimizer steps per call of the compiled loop; logging,
+      evaluation and checkpoints happen only between calls.
+    eval_every, checkpoint_every: in steps; multiples of steps_per_loop.
+    keep_checkpoints: how many checkpoints to keep.
+    jit_compile: compile the training loop with XLA.
+    seed: one seed for initialisation, data order, binarization and sampling.
+    eval_batch_size: test batch size.
+    eval_iw_samples: importance samples per test example for log p(x) at the end
+      (0: skip); the periodic evaluation uses `periodic_eval_iw_samples`.
+    periodic_eval_iw_samples: importance samples during training evaluations.
+    iw_chunk_size: importance samples drawn at a time (bounds memory).
+    profile_steps: (first, last) step range to trace with the profiler, or None.
+    num_summary_images: images in the reconstruction and sample grids.
+  """
+  model_dir: str = '/tmp/elbo_engine/vae'
+  train_steps: int = 20000
+  batch_size: int = 128
+  learning_rate: float = 1e-3
+  clip_grad_norm: float = 0.0
+  steps_per_loop: int = 500
+  eval_every: int = 5000
+  checkpoint_every: int = 5000
+  keep_checkpoints: int = 3
+  jit_compile: bool = True
+  seed: int = 0
+  eval_batch_size: int = 500
+  eval_iw_samples: int = 1000
+  periodic_eval_iw_samples: int = 0
+  iw_chunk_size: int = 100
+  profile_steps: Optional[Tuple[int, int]] = None
+  num_summary_images: int = 64
+
+  def __post_init__(self):
+    for name in ('train_steps', 'batch_size', 'steps_per_loop', 'eval_every',
+                 'checkpoint_every', 'keep_checkpoints', 'eval_batch_size',
+                 'iw_chunk_size', 'num_summary_images'):
+      _positive_int(name, getattr(self, name))
+    for name in ('eval_iw_samples', 'periodic_eval_iw_samples', 'seed'):
+      _positive_int(name, getattr(self, name), allow_zero=True)
+    if not self.model_dir:
+      raise errors.ConfigError('--model_dir is empty; give a directory for checkpoints.')
+    if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+      raise errors.ConfigError(
+          f'--learning_rate={self.learning_rate!r}: must be a positive number, e.g. 1e-3.')
+    if not (isinstance(self.clip_grad_norm, (int, float)) and self.clip_grad_norm >= 0):
+      raise errors.ConfigError(
+          f'--clip_grad_norm={self.clip_grad_norm!r}: must be >= 0 (0 turns clipping off).')
+    for name in ('eval_every', 'checkpoint_every'):
+      if getattr(self, name) % self.steps_per_loop:
+        raise errors.ConfigError(
+            f'--{name}={getattr(self, name)} is not a multiple of '
+            f'--steps_per_loop={self.steps_per_loop}; the loop only returns to Python '
+            f'every steps_per_loop steps. Make {name} a multiple of it.')
+    for name in ('eval_iw_samples', 'periodic_eval_iw_samples'):
+      value = getattr(self, name)
+      if value % self.iw_chunk_size:
+        raise errors.ConfigError(
+            f'--{name}={value} is not a multiple of --iw_chunk_size={self.iw_chunk_size}; '
+            f'importance samples are drawn in chunks of that size.')
+    if self.profile_steps is not None:
+      first, last = self.profile_steps
+      if not (0 <= first < last):
+        raise errors.ConfigError(
+            f'--profile_steps={first},{last}: give FIRST,LAST with 0 <= FIRST < LAST.')
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything a run needs. `model` names a factory in `models.MODELS`, and
+  `model_options` is that model's own frozen config dataclass."""
+  model: str
+  model_options: object
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+
+  def __post_init__(self):
+    if self.train.batch_size > self.data.synthetic_train_size and self.data.dataset == 'synthetic':
+      raise errors.ConfigError(
+          f'--batch_size={self.train.batch_size} exceeds --synthetic_train_size='
+          f'{self.data.synthetic_train_size}; lower the batch size or grow the data set.')
+
+
+def to_dict(config):
+  """A JSON-ready nested dict of a config (for flags.json and TensorBoard text)."""
+  return dataclasses.asdict(config)

@@ -1,0 +1,146 @@
+"""Variational objectives as pure functions: ELBO terms, IWAE, log-likelihood, KL scaling.
+
+Vocabulary (as in the literature and TFP's examples):
+  distortion = -log p(x | z)                 (per example)
+  rate       = KL(q(z | x) || p(z))           (per example)
+  elbo       = -(distortion + rate)
+Everything here is per example unless a name says otherwise; reduction over the
+global batch happens in exactly one place, `replica_loss`.
+"""
+import math
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+tfd = tfp.distributions
+
+KL_ESTIMATORS = ('analytic', 'monte_carlo', 'regularizer')
+OBJECTIVES = ('elbo', 'iwae')
+
+
+def distortion(likelihood, x):
+  """-log p(x | z) per example; `likelihood` is p(x | z) with event = one example."""
+  return -likelihood.log_prob(x)
+
+
+def analytic_rate(approx_posterior, latent_prior):
+  """KL(q || p) per example in closed form (`tfd.kl_divergence`)."""
+  return tfd.kl_divergence(approx_posterior, latent_prior)
+
+
+def monte_carlo_rate(approx_posterior, latent_prior, z):
+  """Single- or multi-sample estimate of KL(q || p) per example.
+
+  Args:
+    approx_posterior: q(z | x), batch shape [B].
+    latent_prior: p(z), broadcastable against q.
+    z: samples from q, shape [B, d] or [S, B, d]; a leading sample axis is averaged.
+
+  Returns:
+    [B] tensor; unbiased for the analytic KL when z ~ q.
+  """
+  log_ratio = approx_posterior.log_prob(z) - latent_prior.log_prob(z)
+  if log_ratio.shape.rank == 2:
+    log_ratio = tf.reduce_mean(log_ratio, axis=0)
+  return log_ratio
+
+
+def negative_elbo(distortion_, rate, kl_weight=1.0):
+  """distortion + kl_weight * rate, per example (kl_weight < 1 only during warm-up)."""
+  return distortion_ + tf.cast(kl_weight, rate.dtype) * rate
+
+
+def log_importance_weights(approx_posterior, latent_prior, likelihood_fn, x, z):
+  """log p(x, z) - log q(z | x) for samples z of shape [K, B, d]; returns [K, B]."""
+  return (likelihood_fn(z).log_prob(x) + latent_prior.log_prob(z)
+          - approx_posterior.log_prob(z))
+
+
+def iwae_bound(log_weights):
+  """The importance-weighted bound log (1/K) sum_k w_k per example.
+
+  Args:
+    log_weights: [K, B] log importance weights.
+
+  Returns:
+    [B]; K = 1 gives the (Monte-Carlo) ELBO, and the bound tightens as K grows.
+  """
+  k = tf.cast(tf.shape(log_weights)[0], log_weights.dtype)
+  return tf.reduce_logsumexp(log_weights, axis=0) - tf.math.log(k)
+
+
+def iw_log_likelihood(approx_posterior, latent_prior, likelihood_fn, x, *,
+                      num_samples, chunk_size, seed):
+  """Importance-sampled estimate of log p(x) in nats, computed in chunks.
+
+  Memory is bounded by `chunk_size` decoder evaluations per example at a time; only
+  the [num_samples, B] log-weights are kept, which is small.
+
+  Args:
+    approx_posterior: q(z | x), the proposal, batch shape [B].
+    latent_prior: p(z).
+    likelihood_fn: z [C, B, d] -> p(x | z) with batch shape [C, B].
+    x: the batch, shape [B, ...].
+    num_samples: K, a Python int, a multiple of chunk_size.
+    chunk_size: samples drawn per chunk (Python int).
+    seed: stateless seed, shape [2] int32.
+
+  Returns:
+    [B] estimates of log p(x) (a stochastic lower bound in expectation, tight as K grows).
+  """
+  if num_samples % chunk_size:
+    raise ValueError(f'num_samples={num_samples} must be a multiple of '
+                     f'chunk_size={chunk_size}')
+  num_chunks = num_samples // chunk_size
+  log_weights = tf.TensorArray(approx_posterior.dtype, size=num_chunks)
+  for i in tf.range(num_chunks):
+    chunk_seed = tf.random.experimental.stateless_fold_in(seed, i)
+    z = approx_posterior.sample(chunk_size, seed=chunk_seed)
+    log_weights = log_weights.write(
+        i, log_importance_weights(approx_posterior, latent_prior, likelihood_fn, x, z))
+  stacked = log_weights.concat()  # [num_samples, B]
+  return iwae_bound(stacked)
+
+
+def kl_warmup_weight(step, warmup_steps):
+  """Linear KL warm-up: 0 -> 1 over `warmup_steps` steps (1 when warmup_steps == 0)."""
+  if warmup_steps <= 0:
+    return tf.constant(1.0)
+  step = tf.cast(step, tf.float32)
+  return tf.minimum(1.0, step / float(warmup_steps))
+
+
+def global_batch_mean(per_example, global_batch_size):
+  """This replica's share of a mean over the *global* batch.
+
+  Summing this over replicas (which is what gradient all-reduce does) gives the
+  mean over the global batch, whatever the number of replicas.
+  """
+  return tf.reduce_sum(per_example) / tf.cast(global_batch_size, per_example.dtype)
+
+
+def replica_loss(per_example_loss, regularization, *, global_batch_size, num_replicas):
+  """The one place the training loss is reduced. Returns this replica's share.
+
+  Why the two terms are scaled differently: gradients are *summed* across replicas.
+  - Per-example terms are summed on each replica and divided by the global batch
+    size, so the all-reduced gradient is that of the global-batch mean.
+  - `regularization` is a scalar every replica computes in full: a BNN's weight KL
+    (already scaled per example by the model), or a Keras activity regularizer
+    such as `tfp.layers.KLDivergenceRegularizer` (a mean over this replica's batch).
+    Either way each replica holds the whole value, so it is divided by the number
+    of replicas to be counted once in total. (For activity regularizers this is
+    exact because every replica has the same batch size.)
+
+  Args:
+    per_example_loss: [B_local] loss per example.
+    regularization: scalar counted once globally (0.0 when there is none).
+    global_batch_size: the batch size summed over replicas.
+    num_replicas: replicas in sync.
+
+  Returns:
+    Scalar: this replica's contribution to the global loss.
+  """
+  regularization = tf.cast(regularization, per_example_loss.dtype)
+  return (global_batch_mean(per_example_loss, global_batch_size)
+          + regularization / tf.cast(num_replicas, per_example_loss.dtype))

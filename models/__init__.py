@@ -1,0 +1,1 @@
+"""Model registry: name -> factory. Models return `tfd.Distribution` objects."""

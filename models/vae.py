@@ -1,0 +1,305 @@
+"""Variational autoencoder: an encoder that outputs q(z | x) through tfp.layers, a
+standard-normal latent prior, and a decoder that outputs p(x | z).
+
+The model only builds distributions and per-example loss terms; the engine reduces
+them over the global batch (`engine.objectives.replica_loss`).
+"""
+import dataclasses
+import math
+from typing import Tuple
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+import tf_keras
+
+from engine import errors
+from engine import objectives
+
+tfd = tfp.distributions
+tfpl = tfp.layers
+
+ARCHITECTURES = ('mlp', 'conv')
+POSTERIORS = ('diag', 'full_cov')
+LIKELIHOODS = ('bernoulli', 'gaussian')
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+  """The VAE's architecture and objective. Field names are the flag names.
+
+  Attributes:
+    architecture: 'mlp' or 'conv' (two strided conv layers each way).
+    encoder_sizes: hidden sizes of the MLP encoder (the decoder mirrors
+      `decoder_sizes`); for 'conv', the size of the dense layer after the convs.
+    decoder_sizes: hidden sizes of the MLP decoder.
+    conv_filters: filters of the two conv layers ('conv' only).
+    latent_dim: dimension of z.
+    posterior: 'diag' (mean-field normal) or 'full_cov' (MultivariateNormalTriL).
+    likelihood: 'bernoulli' (binarized pixels) or 'gaussian' (pixels in [0, 1]).
+    likelihood_scale: fixed std of the Gaussian likelihood; 0 learns it.
+    objective: 'elbo' or 'iwae'.
+    num_iw_samples: samples per example for the IWAE objective.
+    kl: rate estimator for the ELBO: 'analytic', 'monte_carlo', or 'regularizer'
+      (a `tfp.layers.KLDivergenceRegularizer` on the posterior layer; analytic KL).
+    kl_warmup_steps: linear KL warm-up length in steps (ELBO only).
+  """
+  architecture: str = 'mlp'
+  encoder_sizes: Tuple[int, ...] = (512, 256)
+  decoder_sizes: Tuple[int, ...] = (256, 512)
+  conv_filters: Tuple[int, ...] = (32, 64)
+  latent_dim: int = 32
+  posterior: str = 'diag'
+  likelihood: str = 'bernoulli'
+  likelihood_scale: float = 0.0
+  objective: str = 'elbo'
+  num_iw_samples: int = 1
+  kl: str = 'analytic'
+  kl_warmup_steps: int = 0
+
+  def __post_init__(self):
+    for name, value, choices in (('architecture', self.architecture, ARCHITECTURES),
+                                 ('posterior', self.posterior, POSTERIORS),
+                                 ('likelihood', self.likelihood, LIKELIHOODS),
+                                 ('objective', self.objective, objectives.OBJECTIVES),
+                                 ('kl', self.kl, objectives.KL_ESTIMATORS)):
+      if value not in choices:
+        raise errors.ConfigError(
+            f'--{name}={value!r} is not known; choose one of: {", ".join(choices)}.')
+    for name in ('encoder_sizes', 'decoder_sizes', 'conv_filters'):
+      sizes = getattr(self, name)
+      if not sizes or any(not isinstance(s, int) or isinstance(s, bool) or s <= 0
+                          for s in sizes):
+        raise errors.ConfigError(
+            f'--{name}={",".join(map(str, sizes))}: give one or more positive integers, '
+            f'e.g. 512,256.')
+    if self.architecture == 'conv' and len(self.conv_filters) != 2:
+      raise errors.ConfigError(
+          f'--conv_filters={",".join(map(str, self.conv_filters))}: the conv VAE takes '
+          f'exactly two filter counts, e.g. 32,64.')
+    for name in ('latent_dim', 'num_iw_samples'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise errors.ConfigError(f'--{name}={value!r}: must be a positive integer.')
+    if not isinstance(self.kl_warmup_steps, int) or self.kl_warmup_steps < 0:
+      raise errors.ConfigError(
+          f'--kl_warmup_steps={self.kl_warmup_steps!r}: must be an integer >= 0.')
+    if self.likelihood_scale < 0:
+      raise errors.ConfigError(
+          f'--likelihood_scale={self.likelihood_scale}: must be >= 0 (0 learns the scale).')
+    if self.objective == 'iwae' and self.kl_warmup_steps:
+      raise errors.ConfigError(
+          '--kl_warmup_steps applies to --objective=elbo only; the IWAE bound has no '
+          'separate rate term to warm up. Set --kl_warmup_steps=0.')
+    if self.objective == 'elbo' and self.num_iw_samples != 1:
+      raise errors.ConfigError(
+          f'--num_iw_samples={self.num_iw_samples} needs --objective=iwae '
+          f'(the ELBO uses one sample).')
+
+
+def _mlp(sizes, name, seed):
+  return [tf_keras.layers.Dense(
+      s, activation='relu', name=f'{name}_dense{i}',
+      kernel_initializer=tf_keras.initializers.GlorotUniform(seed=seed + i))
+          for i, s in enumerate(sizes)]
+
+
+class VAE(tf.Module):
+  """q(z | x), p(z) and p(x | z) for images of a fixed shape.
+
+  Sampling is stateless: every method that samples takes a `seed` (int32 [2]), so
+  a step's randomness is a function of (run seed, step) and resumes exactly.
+  """
+
+  def __init__(self, config: VAEConfig, *, image_shape, pixel_mean=None, seed=0,
+               name='vae'):
+    """Builds the networks.
+
+    Args:
+      config: the VAEConfig.
+      image_shape: (H, W, C) of one example.
+      pixel_mean: optional [H, W, C] mean of the training pixels in [0, 1]; the
+        decoder's output bias starts at its logit (Bernoulli) or value (Gaussian),
+        which speeds up early training.
+      seed: initialiser seed.
+      name: module name.
+    """
+    super().__init__(name=name)
+    self.config = config
+    self.image_shape = tuple(int(s) for s in image_shape)
+    h, w, c = self.image_shape
+    num_pixels = h * w * c
+    d = config.latent_dim
+    self._sample_seed = None
+
+    self.latent_prior = tfd.MultivariateNormalDiag(
+        loc=tf.zeros([d]), scale_diag=tf.ones([d]), name='latent_prior')
+
+    # The posterior layer draws its reparameterized sample when called; we seed that
+    # sample through `_sample_seed`, set by `approx_posterior` just before the call.
+    def draw(q):
+      return q.sample(seed=self._sample_seed)
+
+    regularizer = None
+    if config.kl == 'regularizer':
+      regularizer = tfpl.KLDivergenceRegularizer(self.latent_prior, use_exact_kl=True)
+    if config.posterior == 'full_cov':
+      params = tfpl.MultivariateNormalTriL.params_size(d)
+      posterior_layer = tfpl.MultivariateNormalTriL(
+          d, convert_to_tensor_fn=draw, activity_regularizer=regularizer,
+          name='approx_posterior')
+    else:
+      params = 2 * d
+      posterior_layer = tfpl.DistributionLambda(
+          lambda t: tfd.MultivariateNormalDiag(
+              loc=t[..., :d], scale_diag=tf.math.softplus(t[..., d:]) + 1e-5),
+          convert_to_tensor_fn=draw, activity_regularizer=regularizer,
+          name='approx_posterior')
+
+    init = lambda i: tf_keras.initializers.GlorotUniform(seed=seed * 1000 + i)
+    if config.architecture == 'mlp':
+      enc = ([tf_keras.layers.Flatten(name='flatten')]
+             + _mlp(config.encoder_sizes, 'encoder', seed * 1000))
+      dec = _mlp(config.decoder_sizes, 'decoder', seed * 1000 + 100)
+      out_init = init(200)
+      dec_out = [tf_keras.layers.Dense(num_pixels, kernel_initializer=out_init,
+                                       name='decoder_out'),
+                 tf_keras.layers.Reshape(self.image_shape)]
+    else:
+      f1, f2 = config.conv_filters
+      if h % 4 or w % 4:
+        raise errors.ConfigError(
+            f'--architecture=conv needs image height and width divisible by 4; the data '
+            f'has {h}x{w}. Use --architecture=mlp.')
+      enc = [tf_keras.layers.Conv2D(f1, 5, 2, 'same', activation='relu',
+                                    kernel_initializer=init(0), name='encoder_conv0'),
+             tf_keras.layers.Conv2D(f2, 5, 2, 'same', activation='relu',
+                                    kernel_initializer=init(1), name='encoder_conv1'),
+             tf_keras.layers.Flatten(name='flatten')]
+      enc += _mlp(config.encoder_sizes[:1], 'encoder', seed * 1000 + 10)
+      dec = _mlp(config.decoder_sizes[:1], 'decoder', seed * 1000 + 100)
+      dec += [tf_keras.layers.Dense(h // 4 * w // 4 * f2, activation='relu',
+                                    kernel_initializer=init(110), name='decoder_dense_up'),
+              tf_keras.layers.Reshape((h // 4, w // 4, f2)),
+              tf_keras.layers.Conv2DTranspose(f1, 5, 2, 'same', activation='relu',
+                                              kernel_initializer=init(111),
+                                              name='decoder_deconv0')]
+      out_init = init(200)
+      dec_out = [tf_keras.layers.Conv2DTranspose(c, 5, 2, 'same',
+                                                 kernel_initializer=out_init,
+                                                 name='decoder_out')]
+
+    self.encoder = tf_keras.Sequential(
+        [tf_keras.Input(self.image_shape)] + enc
+        + [tf_keras.layers.Dense(params, kernel_initializer=init(300),
+                                 name='encoder_params'), posterior_layer],
+        name='encoder')
+    self.decoder = tf_keras.Sequential([tf_keras.Input((d,))] + dec + dec_out,
+                                       name='decoder')
+    if pixel_mean is not None:
+      self._init_output_bias(np.asarray(pixel_mean, np.float32))
+    self.log_scale = None
+    if config.likelihood == 'gaussian' and config.likelihood_scale == 0.0:
+      self.log_scale = tf.Variable(math.log(0.1), name='likelihood_log_scale')
+
+  def _init_output_bias(self, pixel_mean):
+    bias = self.decoder.get_layer('decoder_out').bias
+    if self.config.architecture == 'conv':
+      pixel_mean = pixel_mean.reshape(-1, self.image_shape[-1]).mean(axis=0)
+    else:
+      pixel_mean = pixel_mean.reshape(-1)
+    if self.config.likelihood == 'bernoulli':
+      p = np.clip(pixel_mean, 1e-3, 1 - 1e-3)
+      pixel_mean = np.log(p) - np.log1p(-p)
+    bias.assign(pixel_mean.astype(np.float32))
+
+  def approx_posterior(self, x, seed):
+    """q(z | x) for a batch x [B, H, W, C]; its tensor value is a sample drawn with `seed`."""
+    self._sample_seed = seed
+    try:
+      return self.encoder(x)
+    finally:
+      self._sample_seed = None
+
+  def likelihood(self, z):
+    """p(x | z) for z [..., d]; batch shape = z's leading dims, event = one image."""
+    lead = tf.shape(z)[:-1]
+    flat = tf.reshape(z, [-1, self.config.latent_dim])
+    out = self.decoder(flat)
+    out = tf.reshape(out, tf.concat([lead, self.image_shape], axis=0))
+    if self.config.likelihood == 'bernoulli':
+      base = tfd.Bernoulli(logits=out, dtype=tf.float32)
+    else:
+      scale = (tf.exp(self.log_scale) if self.log_scale is not None
+               else tf.constant(self.config.likelihood_scale))
+      base = tfd.Normal(loc=out, scale=scale)
+    return tfd.Independent(base, reinterpreted_batch_ndims=3)
+
+  def regularization_losses(self):
+    """Layer losses (the KLDivergenceRegularizer's batch-mean rate when enabled)."""
+    return tf.add_n(self.encoder.losses) if self.encoder.losses else tf.constant(0.0)
+
+  def loss_terms(self, x, *, seed, kl_weight):
+    """Per-example loss and measurements for one replica's batch.
+
+    Returns:
+      (per_example_loss [B], regularization scalar, measurements) where
+      measurements maps names to per-example [B] tensors ('elbo', 'rate',
+      'distortion'; for IWAE also 'iwae') and `regularization` is a scalar counted
+      once globally (see `objectives.replica_loss`).
+    """
+    cfg = self.config
+    post_seed, iw_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    q = self.approx_posterior(x, post_seed)
+    z = tf.convert_to_tensor(q)  # the layer's own (seeded) reparameterized sample
+    distortion = objectives.distortion(self.likelihood(z), x)
+    regularization = tf.constant(0.0)
+    if cfg.kl == 'analytic':
+      rate = objectives.analytic_rate(q, self.latent_prior)
+    elif cfg.kl == 'monte_carlo':
+      rate = objectives.monte_carlo_rate(q, self.latent_prior, z)
+    else:
+      # The regularizer already averaged the KL over this replica's batch; the rate
+      # per example is only for measurement.
+      regularization = self.regularization_losses()
+      rate = tf.fill(tf.shape(distortion), regularization)
+    measurements = {'distortion': distortion, 'rate': rate,
+                    'elbo': -(distortion + rate)}
+    if cfg.objective == 'iwae':
+      zk = q.sample(cfg.num_iw_samples, seed=iw_seed)
+      log_w = objectives.log_importance_weights(q, self.latent_prior, self.likelihood, x, zk)
+      iwae = objectives.iwae_bound(log_w)
+      measurements['iwae'] = iwae
+      return -iwae, tf.constant(0.0), measurements
+    if cfg.kl == 'regularizer':
+      return distortion, kl_weight * regularization, measurements
+    return objectives.negative_elbo(distortion, rate, kl_weight), regularization, measurements
+
+  def eval_terms(self, x, *, seed, iw_samples, iw_chunk_size):
+    """Per-example test figures: elbo, rate, distortion and (if iw_samples) log p(x)."""
+    post_seed, iw_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    q = self.approx_posterior(x, post_seed)
+    z = tf.convert_to_tensor(q)
+    distortion = objectives.distortion(self.likelihood(z), x)
+    rate = objectives.analytic_rate(q, self.latent_prior)
+    out = {'distortion': distortion, 'rate': rate, 'elbo': -(distortion + rate)}
+    if iw_samples:
+      out['log_likelihood'] = objectives.iw_log_likelihood(
+          q, self.latent_prior, self.likelihood, x, num_samples=iw_samples,
+          chunk_size=min(iw_chunk_size, iw_samples), seed=iw_seed)
+    return out
+
+  def reconstruct(self, x, seed):
+    """Mean of p(x | z) for z ~ q(z | x): images in [0, 1]."""
+    z = tf.convert_to_tensor(self.approx_posterior(x, seed))
+    return self.likelihood(z).mean()
+
+  def sample(self, num, seed):
+    """Mean images of p(x | z) for z drawn from the latent prior."""
+    z = self.latent_prior.sample(num, seed=seed)
+    return self.likelihood(z).mean()
+
+
+def build(config: VAEConfig, *, image_shape, pixel_mean=None, seed=0):
+  """Factory used by the model registry."""
+  return VAE(config, image_shape=image_shape, pixel_mean=pixel_mean, seed=seed)
