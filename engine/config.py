@@ -4,6 +4,7 @@
 check names the flag (the field name is the flag name), the value and the fix.
 """
 import dataclasses
+import json
 from typing import Optional, Tuple
 
 from engine import errors
@@ -155,5 +156,5 @@ class ExperimentConfig:
 
 
 def to_dict(config):
-  """A JSON-ready nested dict of a config (for flags.json and TensorBoard text)."""
-  return dataclasses.asdict(config)
+  """A JSON-ready nested dict of a config (tuples become lists, as JSON reads back)."""
+  return json.loads(json.dumps(dataclasses.asdict(config), default=str))

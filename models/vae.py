@@ -235,6 +235,16 @@ class VAE(tf.Module):
       base = tfd.Normal(loc=out, scale=scale)
     return tfd.Independent(base, reinterpreted_batch_ndims=3)
 
+  @property
+  def measurement_keys(self):
+    """Names of the per-example training measurements `loss_terms` returns."""
+    base = ('distortion', 'rate', 'elbo')
+    return base + (('iwae',) if self.config.objective == 'iwae' else ())
+
+  def eval_keys(self, iw_samples):
+    """Names of the per-example test figures `eval_terms` returns."""
+    return ('distortion', 'rate', 'elbo') + (('log_likelihood',) if iw_samples else ())
+
   def regularization_losses(self):
     """Layer losses (the KLDivergenceRegularizer's batch-mean rate when enabled)."""
     return tf.add_n(self.encoder.losses) if self.encoder.losses else tf.constant(0.0)

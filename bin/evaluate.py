@@ -1,0 +1,34 @@
+"""Restores the latest checkpoint and writes the test figures to metrics.json."""
+import json
+
+from absl import app
+
+from bin import flags as flag_lib
+from engine import errors
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from engine import controller
+  config = flag_lib.experiment_config()
+  exp = controller.build(config, flag_lib.strategy(), record_config=False)
+  if exp.manager.latest_checkpoint is None:
+    raise errors.CheckpointError(
+        f'--model_dir={config.train.model_dir} has no checkpoint; train first with '
+        f'bin/train.py --model_dir={config.train.model_dir}.')
+  metrics = controller.evaluate(exp, iw_samples=config.train.eval_iw_samples)
+  metrics.update({'step': int(exp.step.numpy()), 'model': config.model,
+                  'dataset': exp.data.name})
+  path = controller.write_metrics(config.train.model_dir, metrics)
+  print(json.dumps(metrics, indent=2))
+  print(f'Wrote {path}')
+
+
+def console_main():
+  flag_lib.define_flags()
+  flag_lib.run_main(main)
+
+
+if __name__ == '__main__':
+  console_main()

@@ -1,0 +1,138 @@
+"""Flag definitions shared by the binaries, and flags -> ExperimentConfig.
+
+Only bin/ reads flags. Each help text states the constraint that is validated.
+"""
+import os
+import sys
+
+from absl import flags
+
+from engine import config as config_lib
+from engine import errors
+
+FLAGS = flags.FLAGS
+
+
+def _ints(name, default, help_):
+  flags.DEFINE_list(name, default, help_)
+
+
+def define_flags():
+  """Defines every flag once (safe to call from several binaries in one process)."""
+  if 'model' in FLAGS:
+    return
+  # Run.
+  flags.DEFINE_string('model', 'vae', 'Model name: vae.')
+  flags.DEFINE_string('model_dir', '/tmp/elbo_engine/vae',
+                      'Directory for checkpoints, TensorBoard events, config.json and '
+                      'metrics.json. Rerunning with the same dir resumes.')
+  flags.DEFINE_string('strategy', 'default', 'default | one_device | mirrored.')
+  flags.DEFINE_integer('num_cpu_devices', 0,
+                       'With --strategy=mirrored and no GPU: logical CPU devices (>= 2).')
+  # Data.
+  flags.DEFINE_string('dataset', 'fashion_mnist', 'fashion_mnist | mnist | idx | synthetic.')
+  flags.DEFINE_string('data_dir', None,
+                      'Directory with the four IDX files (train-images-idx3-ubyte[.gz], '
+                      '...). Searched first; mnist and idx need it.')
+  flags.DEFINE_enum('input_pipeline', 'in_memory', ['in_memory', 'tf_data'],
+                    'in_memory: data on the device, batches gathered in the compiled loop; '
+                    'tf_data: a tf.data pipeline per replica. Same batches either way.')
+  flags.DEFINE_boolean('binarize', True, 'Dynamic binarization (Bernoulli likelihood only).')
+  flags.DEFINE_integer('synthetic_train_size', 2048, 'Examples in --dataset=synthetic (> 0).')
+  flags.DEFINE_integer('synthetic_test_size', 512, 'Test examples in synthetic (> 0).')
+  # Model.
+  flags.DEFINE_string('architecture', 'mlp', 'mlp | conv.')
+  _ints('encoder_sizes', ['512', '256'], 'Encoder hidden sizes, positive ints.')
+  _ints('decoder_sizes', ['256', '512'], 'Decoder hidden sizes, positive ints.')
+  _ints('conv_filters', ['32', '64'], 'Two conv filter counts (--architecture=conv).')
+  flags.DEFINE_integer('latent_dim', 32, 'Latent dimension (> 0).')
+  flags.DEFINE_string('posterior', 'diag', 'diag | full_cov (MultivariateNormalTriL).')
+  flags.DEFINE_string('likelihood', 'bernoulli', 'bernoulli | gaussian.')
+  flags.DEFINE_float('likelihood_scale', 0.0, 'Gaussian likelihood std (>= 0; 0 learns it).')
+  flags.DEFINE_string('objective', 'elbo', 'elbo | iwae.')
+  flags.DEFINE_integer('num_iw_samples', 1, 'Samples per example for --objective=iwae (> 0).')
+  flags.DEFINE_string('kl', 'analytic', 'Rate estimator: analytic | monte_carlo | regularizer.')
+  flags.DEFINE_integer('kl_warmup_steps', 0, 'Linear KL warm-up steps (>= 0; ELBO only).')
+  # Training.
+  flags.DEFINE_integer('train_steps', 20000, 'Total optimizer steps (> 0).')
+  flags.DEFINE_integer('batch_size', 128, 'Global batch size (> 0; divisible by replicas).')
+  flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate (> 0).')
+  flags.DEFINE_float('clip_grad_norm', 0.0, 'Clip the global gradient norm (0: off).')
+  flags.DEFINE_integer('steps_per_loop', 500, 'Steps per compiled loop call (> 0).')
+  flags.DEFINE_integer('eval_every', 5000, 'Evaluate every N steps (multiple of steps_per_loop).')
+  flags.DEFINE_integer('checkpoint_every', 5000,
+                       'Checkpoint every N steps (multiple of steps_per_loop).')
+  flags.DEFINE_integer('keep_checkpoints', 3, 'Checkpoints kept (> 0).')
+  flags.DEFINE_boolean('jit_compile', True, 'Compile each training step with XLA.')
+  flags.DEFINE_integer('seed', 0, 'Seed for init, data order, binarization, sampling (>= 0).')
+  flags.DEFINE_integer('eval_batch_size', 500, 'Test batch size (> 0).')
+  flags.DEFINE_integer('eval_iw_samples', 1000,
+                       'Importance samples for the final test log p(x) (0: skip; multiple '
+                       'of iw_chunk_size).')
+  flags.DEFINE_integer('periodic_eval_iw_samples', 0,
+                       'Importance samples during periodic evaluations (0: ELBO only).')
+  flags.DEFINE_integer('iw_chunk_size', 100, 'Importance samples drawn at a time (> 0).')
+  flags.DEFINE_list('profile_steps', [], 'FIRST,LAST step range to profile (empty: off).')
+
+
+def _int_list(name):
+  values = getattr(FLAGS, name)
+  try:
+    return tuple(int(v) for v in values)
+  except ValueError as e:
+    raise errors.ConfigError(
+        f'--{name}={",".join(values)}: every entry must be an integer, e.g. 512,256.') from e
+
+
+def experiment_config():
+  """Builds the validated ExperimentConfig from the parsed flags."""
+  import models  # after flag parsing: imports TensorFlow
+  options_cls, _ = models.get(FLAGS.model)
+  options = options_cls(
+      architecture=FLAGS.architecture, encoder_sizes=_int_list('encoder_sizes'),
+      decoder_sizes=_int_list('decoder_sizes'), conv_filters=_int_list('conv_filters'),
+      latent_dim=FLAGS.latent_dim, posterior=FLAGS.posterior, likelihood=FLAGS.likelihood,
+      likelihood_scale=FLAGS.likelihood_scale, objective=FLAGS.objective,
+      num_iw_samples=FLAGS.num_iw_samples, kl=FLAGS.kl,
+      kl_warmup_steps=FLAGS.kl_warmup_steps)
+  profile = _int_list('profile_steps')
+  if profile and len(profile) != 2:
+    raise errors.ConfigError(f'--profile_steps={FLAGS.profile_steps}: give FIRST,LAST.')
+  data = config_lib.DataConfig(
+      dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, input_pipeline=FLAGS.input_pipeline,
+      binarize=FLAGS.binarize, synthetic_train_size=FLAGS.synthetic_train_size,
+      synthetic_test_size=FLAGS.synthetic_test_size)
+  train = config_lib.TrainConfig(
+      model_dir=FLAGS.model_dir, train_steps=FLAGS.train_steps, batch_size=FLAGS.batch_size,
+      learning_rate=FLAGS.learning_rate, clip_grad_norm=FLAGS.clip_grad_norm,
+      steps_per_loop=FLAGS.steps_per_loop, eval_every=FLAGS.eval_every,
+      checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
+      jit_compile=FLAGS.jit_compile, seed=FLAGS.seed, eval_batch_size=FLAGS.eval_batch_size,
+      eval_iw_samples=FLAGS.eval_iw_samples,
+      periodic_eval_iw_samples=FLAGS.periodic_eval_iw_samples,
+      iw_chunk_size=FLAGS.iw_chunk_size, profile_steps=tuple(profile) if profile else None)
+  return config_lib.ExperimentConfig(model=FLAGS.model, model_options=options, data=data,
+                                     train=train)
+
+
+def strategy():
+  """The strategy named by --strategy, resolved once."""
+  from engine import distribute
+  if FLAGS.num_cpu_devices < 0:
+    raise errors.ConfigError(f'--num_cpu_devices={FLAGS.num_cpu_devices}: must be >= 0.')
+  return distribute.make_strategy(FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices)
+
+
+def run_main(main):
+  """Runs an absl main, turning ElboEngineError into a message and exit code 2."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from absl import app
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except errors.ElboEngineError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+
+  app.run(wrapped)

@@ -1,0 +1,235 @@
+"""The eager outer loop: schedule, checkpoints, evaluation, summaries, throughput.
+
+Everything here is plain Python between calls of the compiled loop
+(`engine.loop.TrainLoop`); a host sync happens once per `steps_per_loop` steps.
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+import models
+from engine import checkpoints
+from engine import config as config_lib
+from engine import datasets
+from engine import errors
+from engine import inputs
+from engine import loop as loop_lib
+from engine import step as step_lib
+from engine import summaries
+
+METRICS_FILE = 'metrics.json'
+
+
+@dataclasses.dataclass
+class Experiment:
+  """What a run is built from; made once, inside `strategy.scope()`."""
+  config: config_lib.ExperimentConfig
+  strategy: tf.distribute.Strategy
+  data: datasets.ImageDataset
+  model: tf.Module
+  optimizer: tf_keras.optimizers.Optimizer
+  step: tf.Variable
+  manager: tf.train.CheckpointManager
+  test_images: np.ndarray
+
+
+def load_data(data_config, seed):
+  return datasets.load_dataset(
+      data_config.dataset, data_dir=data_config.data_dir, seed=seed,
+      num_train=data_config.synthetic_train_size, num_test=data_config.synthetic_test_size)
+
+
+def build(config, strategy, *, data=None, record_config=True):
+  """Loads data, builds model/optimizer/step in the strategy's scope, restores.
+
+  Returns:
+    An Experiment whose variables hold the latest checkpoint, if any.
+  """
+  if data is None:
+    data = load_data(config.data, config.train.seed)
+  model_dir = config.train.model_dir
+  checkpoints.check_and_record_config(model_dir, config_lib.to_dict(config),
+                                      write=record_config)
+  _, factory = models.get(config.model)
+  pixel_mean = data.train_images.astype(np.float32).mean(axis=0) / 255.0
+  with strategy.scope():
+    model = factory(config.model_options, image_shape=data.image_shape,
+                    pixel_mean=pixel_mean, seed=config.train.seed)
+    optimizer = tf_keras.optimizers.Adam(learning_rate=config.train.learning_rate)
+    optimizer.build(model.trainable_variables)
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name='global_step')
+  manager = checkpoints.make_manager(model_dir, max_to_keep=config.train.keep_checkpoints,
+                                     model=model, optimizer=optimizer, step=step)
+  checkpoints.restore_latest(manager, model_dir=model_dir)
+  binarize = config.data.binarize and getattr(config.model_options, 'likelihood',
+                                              'bernoulli') == 'bernoulli'
+  test = (inputs.binarize_test_set(data.test_images) if binarize
+          else data.test_images.astype(np.float32) / 255.0)
+  return Experiment(config, strategy, data, model, optimizer, step, manager, test)
+
+
+def evaluate(exp, *, iw_samples, images=None):
+  """Test figures in nats per example: means and standard errors."""
+  t = exp.config.train
+  images = exp.test_images if images is None else images
+  replica_eval = step_lib.make_replica_eval(exp.model, seed=t.seed, iw_samples=iw_samples,
+                                            iw_chunk_size=t.iw_chunk_size)
+  term_keys = exp.model.eval_keys(iw_samples)
+  keys = ('count',) + tuple(k for name in term_keys for k in (name, name + '_sq'))
+  eval_loop = loop_lib.EvalLoop(replica_eval, strategy=exp.strategy, keys=keys)
+  totals = {k: float(v) for k, v in eval_loop(inputs.make_eval_dataset(
+      exp.strategy, images, batch_size=t.eval_batch_size)).items()}
+  n = totals['count']
+  out = {'num_examples': int(n)}
+  for name in term_keys:
+    mean = totals[name] / n
+    var = max(totals[name + '_sq'] / n - mean * mean, 0.0)
+    out[name] = mean
+    out[name + '_stderr'] = math.sqrt(var / max(n - 1, 1))
+  if 'log_likelihood' in out:
+    out['nll'] = -out['log_likelihood']
+    out['iw_samples'] = iw_samples
+  return out
+
+
+def write_images(exp, writers, step):
+  """Reconstructions of test images and samples from the prior, as TensorBoard images."""
+  n = exp.config.train.num_summary_images
+  seed = tf.constant([exp.config.train.seed, 77], tf.int32)
+  x = exp.test_images[:n]
+  recon = exp.model.reconstruct(tf.constant(x), seed).numpy()
+  pairs = np.concatenate([x, recon], axis=2)  # original | reconstruction
+  writers.image('eval', 'reconstructions', summaries.image_grid(pairs), step)
+  samples = exp.model.sample(n, seed).numpy()
+  writers.image('eval', 'prior_samples', summaries.image_grid(samples), step)
+
+
+def write_metrics(model_dir, metrics):
+  path = os.path.join(model_dir, METRICS_FILE)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(metrics, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  return path
+
+
+def _fmt_eta(seconds):
+  seconds = int(seconds)
+  return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def train(config, strategy, *, log=print, data=None):
+  """Trains to `config.train.train_steps` (resuming from model_dir) and evaluates.
+
+  Returns:
+    The final metrics dict (also written to model_dir/metrics.json).
+
+  Raises:
+    NonFiniteLossError: naming the step; the last checkpoint is left intact.
+  """
+  t = config.train
+  exp = build(config, strategy, data=data)
+  model, step = exp.model, exp.step
+  start = int(step.numpy())
+  if start:
+    log(f'Resuming from {exp.manager.latest_checkpoint} at step {start}.')
+  if start >= t.train_steps:
+    log(f'Already at step {start} >= --train_steps={t.train_steps}; evaluating only.')
+  train_input = inputs.make_train_input(
+      config.data.input_pipeline, exp.data.train_images, strategy=strategy,
+      global_batch_size=t.batch_size, seed=t.seed,
+      binarize=config.data.binarize and getattr(config.model_options, 'likelihood',
+                                                'bernoulli') == 'bernoulli')
+  replica_step = step_lib.make_replica_step(
+      model, exp.optimizer, train_input, global_batch_size=t.batch_size,
+      num_replicas=strategy.num_replicas_in_sync, seed=t.seed,
+      kl_warmup_steps=getattr(config.model_options, 'kl_warmup_steps', 0),
+      clip_grad_norm=t.clip_grad_norm)
+  keys = ('loss', 'grad_norm', 'kl_weight') + tuple(model.measurement_keys)
+  train_loop = loop_lib.TrainLoop(replica_step, train_input, strategy=strategy,
+                                  step_counter=step, measurement_keys=keys,
+                                  jit_compile=t.jit_compile)
+  writers = summaries.Writers(t.model_dir)
+  writers.text('config', config_lib.to_dict(config), step=start)
+  iterator = train_input.iterator(start)
+  log(f'Training {config.model} on {exp.data.name} ({exp.data.num_train} examples, '
+      f'{exp.data.source}): steps {start} -> {t.train_steps}, global batch {t.batch_size} '
+      f'on {strategy.num_replicas_in_sync} replica(s), {t.steps_per_loop} steps per call, '
+      f'XLA {"on" if t.jit_compile else "off"}; model dir {t.model_dir}')
+
+  current = start
+  timed_steps, timed_seconds = 0, 0.0
+  profiling = False
+  while current < t.train_steps:
+    n = min(t.steps_per_loop - current % t.steps_per_loop, t.train_steps - current)
+    if t.profile_steps and not profiling and t.profile_steps[0] <= current < t.profile_steps[1]:
+      tf.profiler.experimental.start(os.path.join(t.model_dir, 'profile'))
+      profiling = True
+    tic = time.perf_counter()
+    means, done, bad_step = train_loop(iterator, tf.constant(n, tf.int64))
+    means = {k: float(v) for k, v in means.items()}  # host sync
+    seconds = time.perf_counter() - tic
+    if profiling and (current + n >= t.profile_steps[1]):
+      tf.profiler.experimental.stop()
+      profiling = False
+    if int(bad_step) >= 0:
+      last = exp.manager.latest_checkpoint or 'none yet'
+      raise errors.NonFiniteLossError(
+          f'The loss became non-finite ({means["loss"]}) at step {int(bad_step)}; training '
+          f'stopped and nothing from this step was saved. The last good checkpoint is '
+          f'{last}. Fix: lower --learning_rate, set --clip_grad_norm, or check the data.')
+    new = int(step.numpy())
+    if new != current + n or int(done) != n:
+      raise RuntimeError(f'step counter moved from {current} to {new}, expected +{n}')
+    current = new
+    if current - n > start:  # the first call includes tracing and compilation
+      timed_steps += n
+      timed_seconds += seconds
+    rate = n / seconds
+    ex_rate = rate * t.batch_size
+    eta = (t.train_steps - current) / (timed_steps / timed_seconds if timed_steps else rate)
+    lr = float(tf_keras.backend.get_value(exp.optimizer.learning_rate))
+    writers.scalars('train', {**means, 'learning_rate': lr, 'steps_per_sec': rate,
+                              'examples_per_sec': ex_rate}, current)
+    extra = f' iwae {-means["iwae"]:.2f}' if 'iwae' in means else ''
+    log(f'step {current:>7d}/{t.train_steps}  loss {means["loss"]:.3f}  '
+        f'elbo {means["elbo"]:.3f}  rate {means["rate"]:.2f}  '
+        f'distortion {means["distortion"]:.2f}{extra}  kl_w {means["kl_weight"]:.2f}  '
+        f'{ex_rate:,.0f} ex/s  eta {_fmt_eta(eta)}')
+    if current % t.checkpoint_every == 0 or current == t.train_steps:
+      exp.manager.save(checkpoint_number=current)
+    if current % t.eval_every == 0 and current < t.train_steps:
+      ev = evaluate(exp, iw_samples=t.periodic_eval_iw_samples)
+      writers.scalars('eval', {k: v for k, v in ev.items() if not k.endswith('stderr')},
+                      current)
+      write_images(exp, writers, current)
+      log(f'eval @ {current}: elbo {ev["elbo"]:.2f} nats (rate {ev["rate"]:.2f}, '
+          f'distortion {ev["distortion"]:.2f})')
+  if profiling:
+    tf.profiler.experimental.stop()
+
+  log(f'Final evaluation on {exp.test_images.shape[0]} test examples '
+      f'(importance samples: {t.eval_iw_samples})...')
+  metrics = evaluate(exp, iw_samples=t.eval_iw_samples)
+  metrics.update({'step': current, 'dataset': exp.data.name, 'model': config.model})
+  if timed_steps:
+    metrics['train_examples_per_sec'] = timed_steps * t.batch_size / timed_seconds
+  writers.scalars('eval', {k: v for k, v in metrics.items()
+                           if isinstance(v, float) and not k.endswith('stderr')}, current)
+  write_images(exp, writers, current)
+  writers.flush()
+  path = write_metrics(t.model_dir, metrics)
+  summary = f'test elbo {metrics["elbo"]:.2f} +- {metrics["elbo_stderr"]:.2f} nats'
+  if 'nll' in metrics:
+    summary += (f'; test NLL (-log p(x), k={t.eval_iw_samples}) {metrics["nll"]:.2f} '
+                f'+- {metrics["log_likelihood_stderr"]:.2f} nats')
+  log(summary)
+  log(f'Outputs in {t.model_dir}: checkpoints/, {METRICS_FILE}, TensorBoard events. '
+      f'View with: tensorboard --logdir {t.model_dir}')
+  return metrics

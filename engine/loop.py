@@ -1,0 +1,81 @@
+"""The compiled loops: the only module that applies tf.function.
+
+`train(iterator, num_steps)` runs `num_steps` optimizer steps in one call (a
+`tf.range` loop), so Python and host synchronisation happen once per call, not per
+step. `num_steps` must be a Tensor: a Python int would retrace for every value.
+"""
+import tensorflow as tf
+
+
+class TrainLoop:
+  """N steps per call. Returns mean measurements and the first non-finite step.
+
+  Args:
+    replica_step: from `engine.step.make_replica_step`.
+    train_input: supplies `next_args(iterator, step)` in cross-replica context.
+    strategy: the tf.distribute strategy (resolved once by the caller).
+    step_counter: int64 variable, advanced once per step.
+    measurement_keys: names returned by replica_step.
+    jit_compile: compile with XLA. With one replica the whole loop is compiled;
+      with several, each replica's step is (XLA cannot span devices).
+  """
+
+  def __init__(self, replica_step, train_input, *, strategy, step_counter,
+               measurement_keys, jit_compile):
+    self._strategy = strategy
+    self._counter = step_counter
+    self._keys = tuple(measurement_keys)
+    self._input = train_input
+    if jit_compile:
+      replica_step = tf.function(replica_step, jit_compile=True)
+    self._replica_step = replica_step
+    self._loop = tf.function(self._run)
+
+  def __call__(self, iterator, num_steps):
+    if not isinstance(num_steps, tf.Tensor):
+      raise TypeError(f'num_steps must be a Tensor (got {type(num_steps).__name__}); '
+                      f'a Python int retraces the loop for every value.')
+    return self._loop(iterator, num_steps)
+
+  def _run(self, iterator, num_steps):
+    sums = {k: tf.constant(0.0) for k in self._keys}
+    bad_step = tf.constant(-1, tf.int64)
+    done = tf.constant(0, tf.int64)
+    for _ in tf.range(num_steps):
+      step = self._counter.read_value()
+      args = self._input.next_args(iterator, step)
+      shares = self._strategy.run(self._replica_step, args=(args, step))
+      measured = {k: self._strategy.reduce(tf.distribute.ReduceOp.SUM, shares[k], axis=None)
+                  for k in self._keys}
+      self._counter.assign_add(1)
+      done += 1
+      sums = {k: sums[k] + measured[k] for k in self._keys}
+      if not tf.math.is_finite(measured['loss']):
+        bad_step = step
+        break
+    means = {k: v / tf.cast(tf.maximum(done, 1), tf.float32) for k, v in sums.items()}
+    return means, done, bad_step
+
+
+class EvalLoop:
+  """Sums per-example figures over a distributed test set in one compiled call."""
+
+  def __init__(self, replica_eval, *, strategy, keys):
+    self._strategy = strategy
+    self._keys = tuple(keys)
+    self._replica_eval = replica_eval
+    self._fn = tf.function(self._run)
+
+  def __call__(self, dist_dataset):
+    return self._fn(iter(dist_dataset))
+
+  def _run(self, iterator):
+    totals = {k: tf.constant(0.0) for k in self._keys}
+    index = tf.constant(0, tf.int64)
+    for x in iterator:
+      part = self._strategy.run(self._replica_eval, args=(x, index))
+      totals = {k: totals[k] + self._strategy.reduce(tf.distribute.ReduceOp.SUM, part[k],
+                                                     axis=None)
+                for k in self._keys}
+      index += 1
+    return totals
