@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+MODEL_DIR ?= runs/vae
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: setup data train test bench clean-venv
@@ -35,7 +36,7 @@ data:
 	fi
 
 train: setup
-	$(PY) -m bin.train $(ARGS)
+	$(PY) -m bin.train --model_dir=$(MODEL_DIR) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

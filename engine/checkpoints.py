@@ -40,7 +40,7 @@ def check_and_record_config(model_dir, config_dict, *, write=True):
     try:
       with open(path) as f:
         old = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
       raise errors.CheckpointError(
           f'{path} is unreadable ({e}); it records the run in --model_dir={model_dir}. '
           f'Restore it or use a new --model_dir.') from e

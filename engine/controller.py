@@ -54,8 +54,10 @@ def build(config, strategy, *, data=None, record_config=True):
   if data is None:
     data = load_data(config.data, config.train.seed)
   model_dir = config.train.model_dir
-  checkpoints.check_and_record_config(model_dir, config_lib.to_dict(config),
-                                      write=record_config)
+  config_dict = config_lib.to_dict(config)
+  # Check now, record only once the checkpoint restored: a refused run must not
+  # rewrite the dir's record of what its checkpoint holds.
+  checkpoints.check_and_record_config(model_dir, config_dict, write=False)
   _, factory = models.get(config.model)
   pixel_mean = data.train_images.astype(np.float32).mean(axis=0) / 255.0
   with strategy.scope():
@@ -67,6 +69,10 @@ def build(config, strategy, *, data=None, record_config=True):
   manager = checkpoints.make_manager(model_dir, max_to_keep=config.train.keep_checkpoints,
                                      model=model, optimizer=optimizer, step=step)
   checkpoints.restore_latest(manager, model_dir=model_dir)
+  # The learning rate is a checkpointed optimizer variable; the flag wins on resume.
+  optimizer.learning_rate = config.train.learning_rate
+  if record_config:
+    checkpoints.check_and_record_config(model_dir, config_dict)
   binarize = config.data.binarize and getattr(config.model_options, 'likelihood',
                                               'bernoulli') == 'bernoulli'
   test = (inputs.binarize_test_set(data.test_images) if binarize
@@ -82,7 +88,8 @@ def evaluate(exp, *, iw_samples, images=None):
                                             iw_chunk_size=t.iw_chunk_size)
   term_keys = exp.model.eval_keys(iw_samples)
   keys = ('count',) + tuple(k for name in term_keys for k in (name, name + '_sq'))
-  eval_loop = loop_lib.EvalLoop(replica_eval, strategy=exp.strategy, keys=keys)
+  eval_loop = loop_lib.EvalLoop(replica_eval, strategy=exp.strategy, keys=keys,
+                               jit_compile=t.jit_compile)
   totals = {k: float(v) for k, v in eval_loop(inputs.make_eval_dataset(
       exp.strategy, images, batch_size=t.eval_batch_size)).items()}
   n = totals['count']

@@ -60,10 +60,12 @@ class TrainLoop:
 class EvalLoop:
   """Sums per-example figures over a distributed test set in one compiled call."""
 
-  def __init__(self, replica_eval, *, strategy, keys):
+  def __init__(self, replica_eval, *, strategy, keys, jit_compile=False):
     self._strategy = strategy
     self._keys = tuple(keys)
-    self._replica_eval = replica_eval
+    # XLA per replica step; the last batch may be smaller, which compiles once more.
+    self._replica_eval = (tf.function(replica_eval, jit_compile=True) if jit_compile
+                          else replica_eval)
     self._fn = tf.function(self._run)
 
   def __call__(self, dist_dataset):

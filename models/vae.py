@@ -97,6 +97,29 @@ class VAEConfig:
           f'(the ELBO uses one sample).')
 
 
+class _RegularizeDistributionOnly:
+  """Mixin for tfp distribution layers: apply the activity regularizer once.
+
+  tfp's distribution layers return (distribution, sampled value) from the inner
+  Layer.__call__, and tf_keras applies the activity regularizer to every flattened
+  output, so a KLDivergenceRegularizer would add the KL twice
+  (tensorflow/probability#1215). Regularize the distribution only.
+  """
+
+  def _handle_activity_regularization(self, inputs, outputs):
+    if isinstance(outputs, (tuple, list)) and len(outputs) == 2:
+      outputs = outputs[0]
+    super()._handle_activity_regularization(inputs, outputs)
+
+
+class _DistributionLambda(_RegularizeDistributionOnly, tfpl.DistributionLambda):
+  pass
+
+
+class _MultivariateNormalTriL(_RegularizeDistributionOnly, tfpl.MultivariateNormalTriL):
+  pass
+
+
 def _mlp(sizes, name, seed):
   return [tf_keras.layers.Dense(
       s, activation='relu', name=f'{name}_dense{i}',
@@ -145,12 +168,12 @@ class VAE(tf.Module):
       regularizer = tfpl.KLDivergenceRegularizer(self.latent_prior, use_exact_kl=True)
     if config.posterior == 'full_cov':
       params = tfpl.MultivariateNormalTriL.params_size(d)
-      posterior_layer = tfpl.MultivariateNormalTriL(
+      posterior_layer = _MultivariateNormalTriL(
           d, convert_to_tensor_fn=draw, activity_regularizer=regularizer,
           name='approx_posterior')
     else:
       params = 2 * d
-      posterior_layer = tfpl.DistributionLambda(
+      posterior_layer = _DistributionLambda(
           lambda t: tfd.MultivariateNormalDiag(
               loc=t[..., :d], scale_diag=tf.math.softplus(t[..., d:]) + 1e-5),
           convert_to_tensor_fn=draw, activity_regularizer=regularizer,

@@ -1,0 +1,25 @@
+"""Test session set-up: two logical CPU devices, so multi-replica code paths run on CPU.
+
+Must run before TensorFlow executes any op, hence at import of conftest.
+"""
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from engine import distribute  # noqa: E402
+
+distribute.set_logical_cpu_devices(2)
+
+
+@pytest.fixture
+def mirrored_strategy():
+  """MirroredStrategy over the two logical CPU devices."""
+  return distribute.make_strategy('mirrored', num_cpu_devices=2)
+
+
+@pytest.fixture
+def default_strategy():
+  return tf.distribute.get_strategy()
