@@ -126,6 +126,20 @@ def write_metrics(model_dir, metrics):
   return path
 
 
+def _save_if_finite(exp, step):
+  """Saves a checkpoint unless a weight is NaN/Inf (a finite loss does not prove that:
+  a NaN kernel under a ReLU can still give a finite loss)."""
+  bad = [v.name for v in exp.model.variables
+         if not bool(tf.reduce_all(tf.math.is_finite(v)))]
+  if bad:
+    raise errors.NonFiniteLossError(
+        f'At step {step} these weights are non-finite: {", ".join(bad[:5])}; the '
+        f'checkpoint was not written, and the last good one is '
+        f'{exp.manager.latest_checkpoint or "none yet"}. Fix: lower --learning_rate or '
+        f'set --clip_grad_norm.')
+  return exp.manager.save(checkpoint_number=step)
+
+
 def _fmt_eta(seconds):
   seconds = int(seconds)
   return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
@@ -210,7 +224,7 @@ def train(config, strategy, *, log=print, data=None):
         f'distortion {means["distortion"]:.2f}{extra}  kl_w {means["kl_weight"]:.2f}  '
         f'{ex_rate:,.0f} ex/s  eta {_fmt_eta(eta)}')
     if current % t.checkpoint_every == 0 or current == t.train_steps:
-      exp.manager.save(checkpoint_number=current)
+      _save_if_finite(exp, current)
     if current % t.eval_every == 0 and current < t.train_steps:
       ev = evaluate(exp, iw_samples=t.periodic_eval_iw_samples)
       writers.scalars('eval', {k: v for k, v in ev.items() if not k.endswith('stderr')},

@@ -81,7 +81,7 @@ def _env_data_dir() -> Optional[str]:
 def _check_name(name):
   if name not in DATASET_NAMES:
     raise errors.ConfigError(
-        f'dataset={name!r} is not known; choose one of: '
+        f'--dataset={name!r} is not known; choose one of: '
         f'{", ".join(DATASET_NAMES)}.')
 
 

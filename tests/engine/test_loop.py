@@ -1,0 +1,164 @@
+"""Tests of engine/loop.py: the compiled N-steps-per-call training loop.
+
+The loop is assembled as controller.train assembles it, on a tiny VAE and the
+synthetic data set.
+"""
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from engine import config as config_lib
+from engine import controller
+from engine import inputs
+from engine import loop as loop_lib
+from engine import step as step_lib
+from models import vae
+
+BATCH = 32
+
+
+def _config(model_dir, *, pipeline='in_memory', learning_rate=1e-3):
+  return config_lib.ExperimentConfig(
+      model='vae',
+      model_options=vae.VAEConfig(encoder_sizes=(32,), decoder_sizes=(32,), latent_dim=4),
+      data=config_lib.DataConfig(dataset='synthetic', input_pipeline=pipeline,
+                                 synthetic_train_size=256, synthetic_test_size=64),
+      train=config_lib.TrainConfig(
+          model_dir=str(model_dir), train_steps=40, batch_size=BATCH,
+          learning_rate=learning_rate, steps_per_loop=10, eval_every=20,
+          checkpoint_every=20, jit_compile=False, eval_batch_size=32, eval_iw_samples=4,
+          iw_chunk_size=2, num_summary_images=4))
+
+
+def _make_loop(model_dir, strategy, **kwargs):
+  """(experiment, TrainLoop, iterator) wired like controller.train."""
+  config = _config(model_dir, **kwargs)
+  exp = controller.build(config, strategy)
+  t = config.train
+  train_input = inputs.make_train_input(
+      config.data.input_pipeline, exp.data.train_images, strategy=strategy,
+      global_batch_size=t.batch_size, seed=t.seed, binarize=True)
+  replica_step = step_lib.make_replica_step(
+      exp.model, exp.optimizer, train_input, global_batch_size=t.batch_size,
+      num_replicas=strategy.num_replicas_in_sync, seed=t.seed, kl_warmup_steps=0,
+      clip_grad_norm=t.clip_grad_norm)
+  keys = ('loss', 'grad_norm', 'kl_weight') + tuple(exp.model.measurement_keys)
+  train_loop = loop_lib.TrainLoop(replica_step, train_input, strategy=strategy,
+                                  step_counter=exp.step, measurement_keys=keys,
+                                  jit_compile=t.jit_compile)
+  return exp, train_loop, train_input.iterator(int(exp.step.numpy()))
+
+
+def _call(train_loop, iterator, n):
+  means, done, bad_step = train_loop(iterator, tf.constant(n, tf.int64))
+  return {k: float(v) for k, v in means.items()}, int(done), int(bad_step)
+
+
+def test_rejects_python_int(tmp_path, default_strategy):
+  """A Python int num_steps is a TypeError (it would retrace per value); the step
+  counter does not move."""
+  exp, train_loop, iterator = _make_loop(tmp_path, default_strategy)
+  with pytest.raises(TypeError, match='num_steps must be a Tensor'):
+    train_loop(iterator, 3)
+  with pytest.raises(TypeError):
+    train_loop(iterator, np.int64(3))
+  assert int(exp.step.numpy()) == 0
+
+
+@pytest.mark.parametrize('strategy_name', ['default_strategy', 'mirrored_strategy'])
+@pytest.mark.parametrize('pipeline', ['in_memory', 'tf_data'])
+def test_call_advances_counter_by_n(tmp_path, request, strategy_name, pipeline):
+  """One call with tf.constant(n) runs exactly n steps, advances the counter by n and
+  returns finite means consistent with each other."""
+  strategy = request.getfixturevalue(strategy_name)
+  exp, train_loop, iterator = _make_loop(tmp_path, strategy, pipeline=pipeline)
+  before = [v.numpy().copy() for v in exp.model.trainable_variables]
+  means, done, bad_step = _call(train_loop, iterator, 5)
+  assert (done, bad_step) == (5, -1)
+  assert int(exp.step.numpy()) == 5
+  assert int(exp.optimizer.iterations.numpy()) == 5
+  assert set(means) == {'loss', 'grad_norm', 'kl_weight', 'distortion', 'rate', 'elbo'}
+  for name, value in means.items():
+    assert math.isfinite(value), name
+  # Global (not per-replica) figures: the KL weight is 1 without warm-up, the ELBO
+  # splits into rate and distortion, and with the analytic KL the loss is -ELBO.
+  assert means['kl_weight'] == pytest.approx(1.0, abs=1e-6)
+  assert means['elbo'] == pytest.approx(-(means['rate'] + means['distortion']), rel=1e-5)
+  assert means['loss'] == pytest.approx(-means['elbo'], rel=1e-5)
+  assert 50.0 < means['distortion'] < 2000.0  # nats for a 28x28 binary image
+  assert means['rate'] >= 0.0 and means['grad_norm'] > 0.0
+  after = [v.numpy() for v in exp.model.trainable_variables]
+  assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+  means, done, bad_step = _call(train_loop, iterator, 3)
+  assert (done, bad_step) == (3, -1)
+  assert int(exp.step.numpy()) == 8
+
+
+def test_single_steps_equal_one_call(tmp_path, default_strategy):
+  """Three calls of one step end in the same weights as one call of three steps."""
+  exp_a, loop_a, it_a = _make_loop(tmp_path / 'a', default_strategy)
+  exp_b, loop_b, it_b = _make_loop(tmp_path / 'b', default_strategy)
+  _call(loop_a, it_a, 3)
+  for _ in range(3):
+    _call(loop_b, it_b, 1)
+  assert int(exp_a.step.numpy()) == int(exp_b.step.numpy()) == 3
+  for a, b in zip(exp_a.model.trainable_variables, exp_b.model.trainable_variables):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-6)
+
+
+def test_nan_kernel_stops_at_that_step(tmp_path, default_strategy):
+  """With a NaN weight the loss is NaN at the next step: the call stops there and
+  reports it as bad_step, having run only that one step."""
+  exp, train_loop, iterator = _make_loop(tmp_path, default_strategy)
+  _, done, bad_step = _call(train_loop, iterator, 3)
+  assert (done, bad_step) == (3, -1)
+  # The output layer: no ReLU after it (a fused CPU MatMul+ReLU may map NaN to 0).
+  kernel = exp.model.decoder.get_layer('decoder_out').kernel
+  kernel.assign(tf.fill(kernel.shape, float('nan')))
+  means, done, bad_step = _call(train_loop, iterator, 5)
+  assert bad_step == 3
+  assert done == 1
+  assert int(exp.step.numpy()) == 4
+  assert math.isnan(means['loss'])
+
+
+def test_huge_learning_rate_stops_at_first_bad_step(tmp_path, default_strategy):
+  """A learning rate of 1e30 makes a later step non-finite: bad_step is that step's
+  index, done counts the steps up to and including it, and the counter agrees."""
+  exp, train_loop, iterator = _make_loop(tmp_path, default_strategy, learning_rate=1e30)
+  n = 10
+  means, done, bad_step = _call(train_loop, iterator, n)
+  assert 0 < bad_step < n  # the first step runs on finite weights
+  assert done == bad_step + 1
+  assert done <= n
+  assert int(exp.step.numpy()) == done
+  assert not math.isfinite(means['loss'])
+
+
+def test_mirrored_nan_is_detected(tmp_path, mirrored_strategy):
+  """Under two replicas a NaN weight stops the loop at the first step too."""
+  exp, train_loop, iterator = _make_loop(tmp_path, mirrored_strategy)
+  kernel = exp.model.decoder.get_layer('decoder_out').kernel
+  kernel.assign(tf.fill(kernel.shape, float('nan')))
+  _, done, bad_step = _call(train_loop, iterator, 4)
+  assert (done, bad_step) == (1, 0)
+  assert int(exp.step.numpy()) == 1
+
+
+def test_eval_loop_counts_every_example(tmp_path, mirrored_strategy):
+  """controller.evaluate (EvalLoop) sees every test example once over 2 replicas,
+  including a partial last batch, and gives finite figures."""
+  exp = controller.build(_config(tmp_path), mirrored_strategy)
+  images = exp.test_images[:45]  # batches of 32: one full, one of 13
+  metrics = controller.evaluate(exp, iw_samples=4, images=images)
+  assert metrics['num_examples'] == 45
+  assert metrics['iw_samples'] == 4
+  assert metrics['nll'] == pytest.approx(-metrics['log_likelihood'])
+  for key in ('elbo', 'elbo_stderr', 'rate', 'distortion', 'log_likelihood_stderr'):
+    assert math.isfinite(metrics[key]), key
+  assert metrics['elbo'] == pytest.approx(-(metrics['rate'] + metrics['distortion']),
+                                          rel=1e-5)
+  # log p(x) >= ELBO on average (the importance-weighted bound is tighter), up to noise.
+  assert metrics['log_likelihood'] > metrics['elbo'] - 1.0
