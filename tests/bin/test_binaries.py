@@ -180,7 +180,7 @@ def test_evaluate_refuses_incompatible_flags(trained):
 @pytest.mark.parametrize('case,expected', [
     ('batch_size', 'error: --batch_size=0'),
     ('posterior', "error: --posterior='foo' is not known"),
-    ('dataset', "error: dataset='nope' is not known"),
+    ('dataset', "error: --dataset='nope' is not known"),
 ])
 def test_bad_flags_exit_2_with_message(failures, case, expected):
   """A bad flag value exits with code 2 and a one-line 'error:' message naming the
