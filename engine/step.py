@@ -12,14 +12,17 @@ _SAMPLING_SALT = 0x5A
 
 def make_replica_step(model, optimizer, train_input, *, global_batch_size, num_replicas,
                       seed, kl_warmup_steps, clip_grad_norm):
-  """Returns replica_step(args, step) -> dict of this replica's measurement shares.
+  """Returns replica_step(args, step, measure) -> dict of measurement shares.
 
   Every returned value is a share that sums over replicas (strategy.reduce SUM) to
   the global figure: per-example terms as sum / global batch, replica-invariant
   scalars (gradient norm, KL weight) divided by the number of replicas.
+  `measure` (a bool Tensor) asks for the costly extras: the gradient norm is
+  computed only then (or always, when clipping needs it), because a per-step norm
+  over every gradient cost ~15-19% of the step under XLA on CPU; it is 0 otherwise.
   """
 
-  def replica_step(args, step):
+  def replica_step(args, step, measure):
     batch = train_input.replica_batch(args, step)
     ctx = tf.distribute.get_replica_context()
     sample_seed = tf.random.experimental.stateless_fold_in(
@@ -36,9 +39,12 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, num_r
     # Sum gradients across replicas here (not inside the optimizer) so the norm and
     # clipping see the global gradient.
     grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-    grad_norm = tf.linalg.global_norm(grads)
+    norm = lambda: tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads]))
     if clip_grad_norm:
+      grad_norm = norm()
       grads, _ = tf.clip_by_global_norm(grads, clip_grad_norm, use_norm=grad_norm)
+    else:
+      grad_norm = tf.cond(measure, norm, lambda: tf.constant(0.0))
     optimizer.apply_gradients(zip(grads, variables), skip_gradients_aggregation=True)
     shares = {k: objectives.global_batch_mean(v, global_batch_size)
               for k, v in per_example_measurements.items()}
