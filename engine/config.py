@@ -26,16 +26,6 @@ def _choice(name, value, choices):
         f'--{name}={value!r} is not known; choose one of: {", ".join(choices)}.')
 
 
-def _positive_sizes(name, sizes):
-  if not sizes:
-    raise errors.ConfigError(f'--{name} is empty; give at least one layer size, e.g. 512,256.')
-  for s in sizes:
-    if not isinstance(s, int) or isinstance(s, bool) or s <= 0:
-      raise errors.ConfigError(
-          f'--{name}={",".join(map(str, sizes))}: every size must be a positive integer '
-          f'(got {s!r}).')
-
-
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Which data set, and how it is fed.

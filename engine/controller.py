@@ -39,6 +39,12 @@ class Experiment:
   test_images: np.ndarray
 
 
+def _binarize(config):
+  """Dynamic binarization applies only to Bernoulli likelihoods."""
+  likelihood = getattr(config.model_options, 'likelihood', 'bernoulli')
+  return config.data.binarize and likelihood == 'bernoulli'
+
+
 def load_data(data_config, seed):
   return datasets.load_dataset(
       data_config.dataset, data_dir=data_config.data_dir, seed=seed,
@@ -73,9 +79,7 @@ def build(config, strategy, *, data=None, record_config=True):
   optimizer.learning_rate = config.train.learning_rate
   if record_config:
     checkpoints.check_and_record_config(model_dir, config_dict)
-  binarize = config.data.binarize and getattr(config.model_options, 'likelihood',
-                                              'bernoulli') == 'bernoulli'
-  test = (inputs.binarize_test_set(data.test_images) if binarize
+  test = (inputs.binarize_test_set(data.test_images) if _binarize(config)
           else data.test_images.astype(np.float32) / 255.0)
   return Experiment(config, strategy, data, model, optimizer, step, manager, test)
 
@@ -165,8 +169,7 @@ def train(config, strategy, *, log=print, data=None):
   train_input = inputs.make_train_input(
       config.data.input_pipeline, exp.data.train_images, strategy=strategy,
       global_batch_size=t.batch_size, seed=t.seed,
-      binarize=config.data.binarize and getattr(config.model_options, 'likelihood',
-                                                'bernoulli') == 'bernoulli')
+      binarize=_binarize(config))
   replica_step = step_lib.make_replica_step(
       model, exp.optimizer, train_input, global_batch_size=t.batch_size,
       num_replicas=strategy.num_replicas_in_sync, seed=t.seed,

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from engine import distribute
+from engine import errors
 
 _TEST_BINARIZATION_SEED = 20261124  # fixed: test figures are comparable across runs
 
@@ -63,7 +64,6 @@ class _OrderedInput:
     self.per_replica_batch = distribute.check_global_batch(strategy, global_batch_size)
     self.steps_per_epoch = self.num_examples // global_batch_size
     if self.steps_per_epoch == 0:
-      from engine import errors
       raise errors.ConfigError(
           f'--batch_size={global_batch_size} is larger than the training set '
           f'({self.num_examples} examples); lower it.')
