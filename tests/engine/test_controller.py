@@ -3,6 +3,7 @@
 Tiny networks, a few dozen steps: each run takes a few seconds on CPU.
 """
 import collections
+import dataclasses
 import glob
 import json
 import math
@@ -234,3 +235,15 @@ def test_non_finite_weight_is_never_checkpointed(tmp_path):
     controller._save_if_finite(exp, 21)
   assert exp.manager.latest_checkpoint == before
   assert tf.train.latest_checkpoint(os.path.join(config.train.model_dir, 'checkpoints')) == before
+
+
+def test_profile_steps_writes_a_trace(tmp_path):
+  """--profile_steps=FIRST,LAST writes a profiler trace under model_dir/profile."""
+  config = _config(str(tmp_path / 'run'), train_steps=20)
+  config = dataclasses.replace(
+      config, train=dataclasses.replace(config.train, profile_steps=(0, 10)))
+  _train(config)
+  traces = glob.glob(os.path.join(config.train.model_dir, 'profile', '**', '*.xplane.pb'),
+                     recursive=True)
+  assert traces, 'no profiler trace was written'
+  assert os.path.getsize(traces[0]) > 0
