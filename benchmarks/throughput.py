@@ -52,9 +52,7 @@ from engine import controller
 from engine import datasets
 from engine import distribute
 from engine import inputs
-from engine import loop as loop_lib
 from engine import objectives
-from engine import step as step_lib
 import models
 from models import vae as vae_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -212,24 +210,10 @@ class EngineVariant(Variant):
     config = config_lib.ExperimentConfig(model='vae', model_options=vae_lib.VAEConfig(),
                                          data=data_config, train=train_config)
     strategy = distribute.make_strategy('default')
-    t = config.train
     exp = controller.build(config, strategy, data=self._data)
     self.model = exp.model
     self._step = exp.step
-    binarize = config.data.binarize and config.model_options.likelihood == 'bernoulli'
-    train_input = inputs.make_train_input(
-        config.data.input_pipeline, exp.data.train_images, strategy=strategy,
-        global_batch_size=t.batch_size, seed=t.seed, binarize=binarize)
-    replica_step = step_lib.make_replica_step(
-        exp.model, exp.optimizer, train_input, global_batch_size=t.batch_size,
-        num_replicas=strategy.num_replicas_in_sync, seed=t.seed,
-        kl_warmup_steps=config.model_options.kl_warmup_steps,
-        clip_grad_norm=t.clip_grad_norm)
-    keys = ('loss', 'grad_norm', 'kl_weight') + tuple(exp.model.measurement_keys)
-    self._loop = loop_lib.TrainLoop(replica_step, train_input, strategy=strategy,
-                                    step_counter=exp.step, measurement_keys=keys,
-                                    jit_compile=t.jit_compile)
-    self._iterator = train_input.iterator(int(exp.step.numpy()))
+    self._loop, self._iterator = controller.make_train_loop(exp)
 
   def tracing_count(self):
     """How often the engine's compiled loop has been traced (1 = never retraced)."""

@@ -149,6 +149,29 @@ def _fmt_eta(seconds):
   return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
+def make_train_loop(exp):
+  """Wires the input, the replica step and the compiled loop for an Experiment.
+
+  Returns:
+    (TrainLoop, iterator), the iterator positioned at the experiment's current step
+    (None for the in-memory pipeline, which indexes data by step in the graph).
+  """
+  config, strategy, t = exp.config, exp.strategy, exp.config.train
+  train_input = inputs.make_train_input(
+      config.data.input_pipeline, exp.data.train_images, strategy=strategy,
+      global_batch_size=t.batch_size, seed=t.seed, binarize=_binarize(config))
+  replica_step = step_lib.make_replica_step(
+      exp.model, exp.optimizer, train_input, global_batch_size=t.batch_size,
+      num_replicas=strategy.num_replicas_in_sync, seed=t.seed,
+      kl_warmup_steps=getattr(config.model_options, 'kl_warmup_steps', 0),
+      clip_grad_norm=t.clip_grad_norm)
+  keys = ('loss', 'grad_norm', 'kl_weight') + tuple(exp.model.measurement_keys)
+  train_loop = loop_lib.TrainLoop(replica_step, train_input, strategy=strategy,
+                                  step_counter=exp.step, measurement_keys=keys,
+                                  jit_compile=t.jit_compile)
+  return train_loop, train_input.iterator(int(exp.step.numpy()))
+
+
 def train(config, strategy, *, log=print, data=None):
   """Trains to `config.train.train_steps` (resuming from model_dir) and evaluates.
 
@@ -160,28 +183,15 @@ def train(config, strategy, *, log=print, data=None):
   """
   t = config.train
   exp = build(config, strategy, data=data)
-  model, step = exp.model, exp.step
+  step = exp.step
   start = int(step.numpy())
   if start:
     log(f'Resuming from {exp.manager.latest_checkpoint} at step {start}.')
   if start >= t.train_steps:
     log(f'Already at step {start} >= --train_steps={t.train_steps}; evaluating only.')
-  train_input = inputs.make_train_input(
-      config.data.input_pipeline, exp.data.train_images, strategy=strategy,
-      global_batch_size=t.batch_size, seed=t.seed,
-      binarize=_binarize(config))
-  replica_step = step_lib.make_replica_step(
-      model, exp.optimizer, train_input, global_batch_size=t.batch_size,
-      num_replicas=strategy.num_replicas_in_sync, seed=t.seed,
-      kl_warmup_steps=getattr(config.model_options, 'kl_warmup_steps', 0),
-      clip_grad_norm=t.clip_grad_norm)
-  keys = ('loss', 'grad_norm', 'kl_weight') + tuple(model.measurement_keys)
-  train_loop = loop_lib.TrainLoop(replica_step, train_input, strategy=strategy,
-                                  step_counter=step, measurement_keys=keys,
-                                  jit_compile=t.jit_compile)
+  train_loop, iterator = make_train_loop(exp)
   writers = summaries.Writers(t.model_dir)
   writers.text('config', config_lib.to_dict(config), step=start)
-  iterator = train_input.iterator(start)
   log(f'Training {config.model} on {exp.data.name} ({exp.data.num_train} examples, '
       f'{exp.data.source}): steps {start} -> {t.train_steps}, global batch {t.batch_size} '
       f'on {strategy.num_replicas_in_sync} replica(s), {t.steps_per_loop} steps per call, '
@@ -248,7 +258,7 @@ def train(config, strategy, *, log=print, data=None):
                            if isinstance(v, float) and not k.endswith('stderr')}, current)
   write_images(exp, writers, current)
   writers.flush()
-  path = write_metrics(t.model_dir, metrics)
+  write_metrics(t.model_dir, metrics)
   summary = f'test elbo {metrics["elbo"]:.2f} +- {metrics["elbo_stderr"]:.2f} nats'
   if 'nll' in metrics:
     summary += (f'; test NLL (-log p(x), k={t.eval_iw_samples}) {metrics["nll"]:.2f} '

@@ -7,7 +7,6 @@ Vocabulary (as in the literature and TFP's examples):
 Everything here is per example unless a name says otherwise; reduction over the
 global batch happens in exactly one place, `replica_loss`.
 """
-import math
 
 import tensorflow as tf
 import tensorflow_probability as tfp

@@ -11,9 +11,6 @@ import tensorflow as tf
 
 from engine import config as config_lib
 from engine import controller
-from engine import inputs
-from engine import loop as loop_lib
-from engine import step as step_lib
 from models import vae
 
 BATCH = 32
@@ -36,19 +33,8 @@ def _make_loop(model_dir, strategy, **kwargs):
   """(experiment, TrainLoop, iterator) wired like controller.train."""
   config = _config(model_dir, **kwargs)
   exp = controller.build(config, strategy)
-  t = config.train
-  train_input = inputs.make_train_input(
-      config.data.input_pipeline, exp.data.train_images, strategy=strategy,
-      global_batch_size=t.batch_size, seed=t.seed, binarize=True)
-  replica_step = step_lib.make_replica_step(
-      exp.model, exp.optimizer, train_input, global_batch_size=t.batch_size,
-      num_replicas=strategy.num_replicas_in_sync, seed=t.seed, kl_warmup_steps=0,
-      clip_grad_norm=t.clip_grad_norm)
-  keys = ('loss', 'grad_norm', 'kl_weight') + tuple(exp.model.measurement_keys)
-  train_loop = loop_lib.TrainLoop(replica_step, train_input, strategy=strategy,
-                                  step_counter=exp.step, measurement_keys=keys,
-                                  jit_compile=t.jit_compile)
-  return exp, train_loop, train_input.iterator(int(exp.step.numpy()))
+  train_loop, iterator = controller.make_train_loop(exp)
+  return exp, train_loop, iterator
 
 
 def _call(train_loop, iterator, n):
