@@ -19,7 +19,8 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, num_r
   scalars (gradient norm, KL weight) divided by the number of replicas.
   `measure` (a bool Tensor) asks for the costly extras: the gradient norm is
   computed only then (or always, when clipping needs it), because a per-step norm
-  over every gradient cost ~15-19% of the step under XLA on CPU; it is 0 otherwise.
+  over every gradient slowed the XLA step on CPU (benchmarks/RESULTS.md: 0.87x ->
+  0.94x of the fastest `fit`); it is 0 otherwise.
   """
 
   def replica_step(args, step, measure):
