@@ -53,6 +53,7 @@ from engine import datasets
 from engine import distribute
 from engine import inputs
 from engine import objectives
+from engine import sampling
 import models
 from models import vae as vae_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -150,17 +151,16 @@ def make_binarized_dataset(images_uint8, batch_size, seed):
 
 def make_vae(data, seed):
   """The default VAE, initialised as `controller.build` initialises it."""
-  _, factory = models.get('vae')
   pixel_mean = data.train_images.astype(np.float32).mean(axis=0) / 255.0
-  return factory(vae_lib.VAEConfig(), image_shape=data.image_shape,
-                 pixel_mean=pixel_mean, seed=seed)
+  return models.get('vae').build(vae_lib.VAEConfig(), image_shape=data.image_shape,
+                                 pixel_mean=pixel_mean, seed=seed)
 
 
 def negative_elbo_loss(model, x, step, *, seed, batch_size):
   """The engine's training loss for one batch (one replica, KL weight 1)."""
-  sample_seed = inputs.step_seed(seed, step, _SAMPLING_SALT)
+  noise = sampling.Noise(inputs.step_seed(seed, step, _SAMPLING_SALT))
   per_example, regularization, _ = model.loss_terms(
-      x, seed=sample_seed, kl_weight=tf.constant(1.0))
+      x, noise=noise, kl_weight=tf.constant(1.0))
   return objectives.replica_loss(per_example, regularization,
                                  global_batch_size=batch_size, num_replicas=1)
 

@@ -17,11 +17,12 @@ def main(argv):
     raise errors.CheckpointError(
         f'--model_dir={config.train.model_dir} has no checkpoint; train first with '
         f'bin/train.py --model_dir={config.train.model_dir}.')
-  metrics = controller.evaluate(exp, iw_samples=config.train.eval_iw_samples)
+  metrics = controller.evaluate(exp, final=True)
   metrics.update({'step': int(exp.step.numpy()), 'model': config.model,
-                  'dataset': exp.data.name})
+                  'dataset': exp.task.name})
   path = controller.write_metrics(config.train.model_dir, metrics)
   print(json.dumps(metrics, indent=2))
+  print(exp.module.summary_line(metrics))
   print(f'Wrote {path}')
 
 

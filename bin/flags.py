@@ -2,6 +2,7 @@
 
 Only bin/ reads flags. Each help text states the constraint that is validated.
 """
+import dataclasses
 import os
 import sys
 
@@ -75,26 +76,44 @@ def define_flags():
   flags.DEFINE_list('profile_steps', [], 'FIRST,LAST step range to profile (empty: off).')
 
 
-def _int_list(name):
+def _list(name, kind):
   values = getattr(FLAGS, name)
   try:
-    return tuple(int(v) for v in values)
+    return tuple(kind(v) for v in values)
   except ValueError as e:
+    example = '512,256' if kind is int else '0.5,0.25'
     raise errors.ConfigError(
-        f'--{name}={",".join(values)}: every entry must be an integer, e.g. 512,256.') from e
+        f'--{name}={",".join(values)}: every entry must be {"an integer" if kind is int else "a number"}, '
+        f'e.g. {example}.') from e
+
+
+def _int_list(name):
+  return _list(name, int)
+
+
+def model_options(options_cls):
+  """The model's options dataclass from the flags of the same names.
+
+  Tuple-valued fields come from list flags; their element type is the default's
+  (int unless the default holds floats).
+  """
+  values = {}
+  for field in dataclasses.fields(options_cls):
+    if field.name not in FLAGS:
+      continue
+    default = field.default
+    if isinstance(default, tuple):
+      values[field.name] = _list(field.name, float if any(
+          isinstance(v, float) for v in default) else int)
+    else:
+      values[field.name] = getattr(FLAGS, field.name)
+  return options_cls(**values)
 
 
 def experiment_config():
   """Builds the validated ExperimentConfig from the parsed flags."""
   import models  # after flag parsing: imports TensorFlow
-  options_cls, _ = models.get(FLAGS.model)
-  options = options_cls(
-      architecture=FLAGS.architecture, encoder_sizes=_int_list('encoder_sizes'),
-      decoder_sizes=_int_list('decoder_sizes'), conv_filters=_int_list('conv_filters'),
-      latent_dim=FLAGS.latent_dim, posterior=FLAGS.posterior, likelihood=FLAGS.likelihood,
-      likelihood_scale=FLAGS.likelihood_scale, objective=FLAGS.objective,
-      num_iw_samples=FLAGS.num_iw_samples, kl=FLAGS.kl,
-      kl_warmup_steps=FLAGS.kl_warmup_steps)
+  options = model_options(models.get(FLAGS.model).Config)
   profile = _int_list('profile_steps')
   if profile and len(profile) != 2:
     raise errors.ConfigError(f'--profile_steps={FLAGS.profile_steps}: give FIRST,LAST.')

@@ -26,6 +26,10 @@ def main(argv):
   if exp.manager.latest_checkpoint is None:
     raise errors.CheckpointError(
         f'--model_dir={config.train.model_dir} has no checkpoint; train first.')
+  if not hasattr(exp.model, 'sample'):
+    raise errors.ConfigError(
+        f'--model={config.model} is not a generative model: bin/sample.py draws from a '
+        f'latent prior and decodes (use --model=vae).')
   images = exp.model.sample(fl.num_samples, tf.constant([fl.sample_seed, 3], tf.int32))
   path = fl.output or os.path.join(config.train.model_dir, 'samples.png')
   summaries.write_png(path, summaries.image_grid(images.numpy()))

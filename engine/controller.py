@@ -5,11 +5,9 @@ Everything here is plain Python between calls of the compiled loop
 """
 import dataclasses
 import json
-import math
 import os
 import time
 
-import numpy as np
 import tensorflow as tf
 import tf_keras
 
@@ -32,17 +30,16 @@ class Experiment:
   config: config_lib.ExperimentConfig
   strategy: tf.distribute.Strategy
   data: datasets.ImageDataset
+  task: inputs.TaskData  # what the model trains and is tested on (from its module)
+  module: object  # the model's module in the registry (hooks: evaluate, summaries)
   model: tf.Module
   optimizer: tf_keras.optimizers.Optimizer
   step: tf.Variable
   manager: tf.train.CheckpointManager
-  test_images: np.ndarray
 
-
-def _binarize(config):
-  """Dynamic binarization applies only to Bernoulli likelihoods."""
-  likelihood = getattr(config.model_options, 'likelihood', 'bernoulli')
-  return config.data.binarize and likelihood == 'bernoulli'
+  @property
+  def test_images(self):
+    return self.task.test_images
 
 
 def load_data(data_config, seed):
@@ -64,11 +61,11 @@ def build(config, strategy, *, data=None, record_config=True):
   # Check now, record only once the checkpoint restored: a refused run must not
   # rewrite the dir's record of what its checkpoint holds.
   checkpoints.check_and_record_config(model_dir, config_dict, write=False)
-  _, factory = models.get(config.model)
-  pixel_mean = data.train_images.astype(np.float32).mean(axis=0) / 255.0
+  module = models.get(config.model)
+  task = module.prepare_data(config.model_options, data, data_config=config.data,
+                             seed=config.train.seed)
   with strategy.scope():
-    model = factory(config.model_options, image_shape=data.image_shape,
-                    pixel_mean=pixel_mean, seed=config.train.seed)
+    model = module.build(config.model_options, task_data=task, seed=config.train.seed)
     optimizer = tf_keras.optimizers.Adam(learning_rate=config.train.learning_rate)
     optimizer.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name='global_step')
@@ -79,46 +76,17 @@ def build(config, strategy, *, data=None, record_config=True):
   optimizer.learning_rate = config.train.learning_rate
   if record_config:
     checkpoints.check_and_record_config(model_dir, config_dict)
-  test = (inputs.binarize_test_set(data.test_images) if _binarize(config)
-          else data.test_images.astype(np.float32) / 255.0)
-  return Experiment(config, strategy, data, model, optimizer, step, manager, test)
+  return Experiment(config, strategy, data, task, module, model, optimizer, step, manager)
 
 
-def evaluate(exp, *, iw_samples, images=None):
-  """Test figures in nats per example: means and standard errors."""
-  t = exp.config.train
-  images = exp.test_images if images is None else images
-  replica_eval = step_lib.make_replica_eval(exp.model, seed=t.seed, iw_samples=iw_samples,
-                                            iw_chunk_size=t.iw_chunk_size)
-  term_keys = exp.model.eval_keys(iw_samples)
-  keys = ('count',) + tuple(k for name in term_keys for k in (name, name + '_sq'))
-  eval_loop = loop_lib.EvalLoop(replica_eval, strategy=exp.strategy, keys=keys,
-                               jit_compile=t.jit_compile)
-  totals = {k: float(v) for k, v in eval_loop(inputs.make_eval_dataset(
-      exp.strategy, images, batch_size=t.eval_batch_size)).items()}
-  n = totals['count']
-  out = {'num_examples': int(n)}
-  for name in term_keys:
-    mean = totals[name] / n
-    var = max(totals[name + '_sq'] / n - mean * mean, 0.0)
-    out[name] = mean
-    out[name + '_stderr'] = math.sqrt(var / max(n - 1, 1))
-  if 'log_likelihood' in out:
-    out['nll'] = -out['log_likelihood']
-    out['iw_samples'] = iw_samples
-  return out
+def evaluate(exp, *, final=True, **kwargs):
+  """The model's test figures (its module's `evaluate` hook)."""
+  return exp.module.evaluate(exp, final=final, **kwargs)
 
 
-def write_images(exp, writers, step):
-  """Reconstructions of test images and samples from the prior, as TensorBoard images."""
-  n = exp.config.train.num_summary_images
-  seed = tf.constant([exp.config.train.seed, 77], tf.int32)
-  x = exp.test_images[:n]
-  recon = exp.model.reconstruct(tf.constant(x), seed).numpy()
-  pairs = np.concatenate([x, recon], axis=2)  # original | reconstruction
-  writers.image('eval', 'reconstructions', summaries.image_grid(pairs), step)
-  samples = exp.model.sample(n, seed).numpy()
-  writers.image('eval', 'prior_samples', summaries.image_grid(samples), step)
+def write_summaries(exp, writers, step):
+  """The model's TensorBoard images/histograms (its module's `write_summaries` hook)."""
+  exp.module.write_summaries(exp, writers, step)
 
 
 def write_metrics(model_dir, metrics):
@@ -144,6 +112,12 @@ def _save_if_finite(exp, step):
   return exp.manager.save(checkpoint_number=step)
 
 
+def _scalars(metrics):
+  """The float figures of a metrics dict, for TensorBoard (no stderrs, no tables)."""
+  return {k: v for k, v in metrics.items()
+          if isinstance(v, float) and not k.endswith('stderr')}
+
+
 def _fmt_eta(seconds):
   seconds = int(seconds)
   return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
@@ -158,14 +132,13 @@ def make_train_loop(exp):
   """
   config, strategy, t = exp.config, exp.strategy, exp.config.train
   train_input = inputs.make_train_input(
-      config.data.input_pipeline, exp.data.train_images, strategy=strategy,
-      global_batch_size=t.batch_size, seed=t.seed, binarize=_binarize(config))
+      config.data.input_pipeline, exp.task.train_images, strategy=strategy,
+      global_batch_size=t.batch_size, seed=t.seed, binarize=exp.task.binarize,
+      targets=exp.task.train_targets)
   replica_step = step_lib.make_replica_step(
       exp.model, exp.optimizer, train_input, global_batch_size=t.batch_size,
-      num_replicas=strategy.num_replicas_in_sync, seed=t.seed,
-      kl_warmup_steps=getattr(config.model_options, 'kl_warmup_steps', 0),
-      clip_grad_norm=t.clip_grad_norm)
-  keys = ('loss', 'grad_norm', 'kl_weight') + tuple(exp.model.measurement_keys)
+      seed=t.seed, clip_grad_norm=t.clip_grad_norm)
+  keys = ('loss', 'grad_norm') + tuple(exp.model.measurement_keys)
   train_loop = loop_lib.TrainLoop(replica_step, train_input, strategy=strategy,
                                   step_counter=exp.step, measurement_keys=keys,
                                   jit_compile=t.jit_compile)
@@ -192,8 +165,8 @@ def train(config, strategy, *, log=print, data=None):
   train_loop, iterator = make_train_loop(exp)
   writers = summaries.Writers(t.model_dir)
   writers.text('config', config_lib.to_dict(config), step=start)
-  log(f'Training {config.model} on {exp.data.name} ({exp.data.num_train} examples, '
-      f'{exp.data.source}): steps {start} -> {t.train_steps}, global batch {t.batch_size} '
+  log(f'Training {config.model} on {exp.task.name} ({exp.task.num_train} examples, '
+      f'{exp.task.source}): steps {start} -> {t.train_steps}, global batch {t.batch_size} '
       f'on {strategy.num_replicas_in_sync} replica(s), {t.steps_per_loop} steps per call, '
       f'XLA {"on" if t.jit_compile else "off"}; model dir {t.model_dir}')
 
@@ -231,39 +204,29 @@ def train(config, strategy, *, log=print, data=None):
     lr = float(tf_keras.backend.get_value(exp.optimizer.learning_rate))
     writers.scalars('train', {**means, 'learning_rate': lr, 'steps_per_sec': rate,
                               'examples_per_sec': ex_rate}, current)
-    extra = f' iwae {-means["iwae"]:.2f}' if 'iwae' in means else ''
-    log(f'step {current:>7d}/{t.train_steps}  loss {means["loss"]:.3f}  '
-        f'elbo {means["elbo"]:.3f}  rate {means["rate"]:.2f}  '
-        f'distortion {means["distortion"]:.2f}{extra}  kl_w {means["kl_weight"]:.2f}  '
+    shown = '  '.join(f'{k} {means[k]:.4g}' for k in exp.model.measurement_keys)
+    log(f'step {current:>7d}/{t.train_steps}  loss {means["loss"]:.4g}  {shown}  '
         f'{ex_rate:,.0f} ex/s  eta {_fmt_eta(eta)}')
     if current % t.checkpoint_every == 0 or current == t.train_steps:
       _save_if_finite(exp, current)
     if current % t.eval_every == 0 and current < t.train_steps:
-      ev = evaluate(exp, iw_samples=t.periodic_eval_iw_samples)
-      writers.scalars('eval', {k: v for k, v in ev.items() if not k.endswith('stderr')},
-                      current)
-      write_images(exp, writers, current)
-      log(f'eval @ {current}: elbo {ev["elbo"]:.2f} nats (rate {ev["rate"]:.2f}, '
-          f'distortion {ev["distortion"]:.2f})')
+      ev = evaluate(exp, final=False)
+      writers.scalars('eval', _scalars(ev), current)
+      write_summaries(exp, writers, current)
+      log(f'eval @ {current}: {exp.module.summary_line(ev)}')
   if profiling:
     tf.profiler.experimental.stop()
 
-  log(f'Final evaluation on {exp.test_images.shape[0]} test examples '
-      f'(importance samples: {t.eval_iw_samples})...')
-  metrics = evaluate(exp, iw_samples=t.eval_iw_samples)
-  metrics.update({'step': current, 'dataset': exp.data.name, 'model': config.model})
+  log(f'Final evaluation on {exp.task.test_images.shape[0]} test examples...')
+  metrics = evaluate(exp, final=True)
+  metrics.update({'step': current, 'dataset': exp.task.name, 'model': config.model})
   if timed_steps:
     metrics['train_examples_per_sec'] = timed_steps * t.batch_size / timed_seconds
-  writers.scalars('eval', {k: v for k, v in metrics.items()
-                           if isinstance(v, float) and not k.endswith('stderr')}, current)
-  write_images(exp, writers, current)
+  writers.scalars('eval', _scalars(metrics), current)
+  write_summaries(exp, writers, current)
   writers.flush()
   write_metrics(t.model_dir, metrics)
-  summary = f'test elbo {metrics["elbo"]:.2f} +- {metrics["elbo_stderr"]:.2f} nats'
-  if 'nll' in metrics:
-    summary += (f'; test NLL (-log p(x), k={t.eval_iw_samples}) {metrics["nll"]:.2f} '
-                f'+- {metrics["log_likelihood_stderr"]:.2f} nats')
-  log(summary)
+  log(exp.module.summary_line(metrics))
   log(f'Outputs in {t.model_dir}: checkpoints/, {METRICS_FILE}, TensorBoard events. '
       f'View with: tensorboard --logdir {t.model_dir}')
   return metrics

@@ -13,6 +13,9 @@ Two pipelines give identical batches:
 - `TfDataTrainInput`: a tf.data pipeline per input worker through
   `distribute_datasets_from_function`, for data sets too large for device memory.
 """
+import dataclasses
+from typing import Optional
+
 import numpy as np
 import tensorflow as tf
 
@@ -53,10 +56,46 @@ def binarize_test_set(images_uint8):
           < images_uint8.astype(np.float32) / 255.0).astype(np.float32)
 
 
+@dataclasses.dataclass
+class TaskData:
+  """What a model trains and is tested on, prepared once by the model's module.
+
+  Attributes:
+    name, source: the data set's name and where it was read from.
+    train_images: uint8 [N, H, W, C] (kept uint8 on the device; scaled to [0, 1],
+      and binarized when `binarize`, inside the step).
+    train_targets: None (unsupervised) or [N] int32 labels / float32 targets.
+    test_images: float32 [M, H, W, C] in [0, 1], ready to evaluate (binarized once
+      with a fixed seed when the model wants binary data).
+    test_targets: None or [M].
+    binarize: dynamic binarization of the training images.
+    extras: model-specific evaluation sets (e.g. out-of-distribution images).
+  """
+  name: str
+  source: str
+  train_images: np.ndarray
+  test_images: np.ndarray
+  train_targets: Optional[np.ndarray] = None
+  test_targets: Optional[np.ndarray] = None
+  binarize: bool = False
+  extras: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def num_train(self):
+    return int(self.train_images.shape[0])
+
+  @property
+  def image_shape(self):
+    return tuple(int(s) for s in self.train_images.shape[1:])
+
+
 class _OrderedInput:
   """Shared bookkeeping of the step -> indices map."""
 
-  def __init__(self, images, *, strategy, global_batch_size, seed, binarize):
+  def __init__(self, images, *, strategy, global_batch_size, seed, binarize, targets=None):
+    self.targets = None if targets is None else np.asarray(targets)
+    if self.targets is not None and self.targets.shape[0] != images.shape[0]:
+      raise errors.DataError(f'{self.targets.shape[0]} targets for {images.shape[0]} images.')
     self.num_examples = int(images.shape[0])
     self.image_shape = tuple(images.shape[1:])
     self.strategy = strategy
@@ -89,6 +128,8 @@ class InMemoryTrainInput(_OrderedInput):
     with self.strategy.scope():
       # Not tracked by any checkpoint: data, not state.
       self._images = tf.Variable(images, trainable=False, name='train_images')
+      self._targets = (None if self.targets is None else
+                       tf.Variable(self.targets, trainable=False, name='train_targets'))
       self._perm = tf.Variable(tf.zeros([self.num_examples], tf.int32), trainable=False,
                                name='epoch_permutation')
       self._perm_epoch = tf.Variable(tf.constant(-1, tf.int64), trainable=False,
@@ -117,7 +158,10 @@ class InMemoryTrainInput(_OrderedInput):
     """Replica context: this replica's slice of the global batch."""
     rid = tf.distribute.get_replica_context().replica_id_in_sync_group
     mine = indices[rid * self.per_replica_batch:(rid + 1) * self.per_replica_batch]
-    return {'image': self._replica_images(tf.gather(self._images, mine), step, rid)}
+    batch = {'image': self._replica_images(tf.gather(self._images, mine), step, rid)}
+    if self._targets is not None:
+      batch['target'] = tf.gather(self._targets, mine)
+    return batch
 
 
 class TfDataTrainInput(_OrderedInput):
@@ -134,6 +178,7 @@ class TfDataTrainInput(_OrderedInput):
     first = input_context.input_pipeline_id * local
     n, spe = self.num_examples, self.steps_per_epoch
     images = tf.constant(self._images_np)
+    targets = None if self.targets is None else tf.constant(self.targets)
 
     def epoch_batches(epoch):
       perm = epoch_permutation(self.seed, epoch, n)[:spe * g]
@@ -144,11 +189,16 @@ class TfDataTrainInput(_OrderedInput):
     steps = tf.data.Dataset.range(start_step, 2**62)
 
     def per_replica(step, indices):
-      chunks = []
+      chunks, labels = [], []
       for r in range(first, first + local):
         x = tf.gather(images, indices[r * p:(r + 1) * p])
         chunks.append(self._replica_images(x, step, r))
-      return tf.data.Dataset.from_tensor_slices({'image': tf.stack(chunks)})
+        if targets is not None:
+          labels.append(tf.gather(targets, indices[r * p:(r + 1) * p]))
+      batch = {'image': tf.stack(chunks)}
+      if targets is not None:
+        batch['target'] = tf.stack(labels)
+      return tf.data.Dataset.from_tensor_slices(batch)
 
     ds = tf.data.Dataset.zip((steps, ds)).flat_map(per_replica)
     options = tf.data.Options()
@@ -175,7 +225,15 @@ def make_train_input(pipeline, images, **kwargs):
   return cls(images, **kwargs)
 
 
-def make_eval_dataset(strategy, images, *, batch_size):
-  """A distributed dataset over float test images [M, H, W, C] (all examples kept)."""
-  ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(2)
+def make_eval_dataset(strategy, images, *, batch_size, targets=None):
+  """A distributed dataset of {'image'[, 'target']} batches (all examples kept).
+
+  Args:
+    images: float test images [M, H, W, C].
+    targets: optional [M] labels or targets.
+  """
+  data = {'image': images}
+  if targets is not None:
+    data['target'] = targets
+  ds = tf.data.Dataset.from_tensor_slices(data).batch(batch_size).prefetch(2)
   return strategy.experimental_distribute_dataset(ds)

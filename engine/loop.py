@@ -4,6 +4,7 @@
 `tf.range` loop), so Python and host synchronisation happen once per call, not per
 step. `num_steps` must be a Tensor: a Python int would retrace for every value.
 """
+import numpy as np
 import tensorflow as tf
 
 
@@ -92,3 +93,30 @@ class EvalLoop:
                 for k in self._keys}
       index += 1
     return totals
+
+
+class PredictLoop:
+  """Per-example outputs over a distributed test set, gathered to numpy.
+
+  One compiled call per test batch (prediction is not the hot path; the Python loop
+  over batches keeps the outputs' variable batch sizes simple). Outputs of the
+  replica function must have the batch as their first axis.
+  """
+
+  def __init__(self, replica_predict, *, strategy, jit_compile=False):
+    self._strategy = strategy
+    self._replica_predict = (tf.function(replica_predict, jit_compile=True) if jit_compile
+                             else replica_predict)
+    self._fn = tf.function(self._run)
+
+  def _run(self, batch, index):
+    out = self._strategy.run(self._replica_predict, args=(batch, index))
+    return {k: self._strategy.gather(v, axis=0) for k, v in out.items()}
+
+  def __call__(self, dist_dataset):
+    parts = {}
+    for index, batch in enumerate(dist_dataset):
+      out = self._fn(batch, tf.constant(index, tf.int64))
+      for k, v in out.items():
+        parts.setdefault(k, []).append(v.numpy())
+    return {k: np.concatenate(v, axis=0) for k, v in parts.items()}

@@ -6,13 +6,18 @@ import tensorflow as tf
 
 from engine import inputs
 from engine import objectives
+from engine import sampling
 
 _SAMPLING_SALT = 0x5A
 
 
-def make_replica_step(model, optimizer, train_input, *, global_batch_size, num_replicas,
-                      seed, kl_warmup_steps, clip_grad_norm):
+def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
+                      clip_grad_norm):
   """Returns replica_step(args, step, measure) -> dict of measurement shares.
+
+  The model supplies `train_terms(batch, *, noise, step)` -> (per_example_loss [B],
+  regularization scalar, measurements), where each measurement is either
+  per-example [B] or a replica-invariant scalar (e.g. a BNN's KL or KL weight).
 
   Every returned value is a share that sums over replicas (strategy.reduce SUM) to
   the global figure: per-example terms as sum / global batch, replica-invariant
@@ -26,12 +31,12 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, num_r
   def replica_step(args, step, measure):
     batch = train_input.replica_batch(args, step)
     ctx = tf.distribute.get_replica_context()
-    sample_seed = tf.random.experimental.stateless_fold_in(
-        inputs.step_seed(seed, step, _SAMPLING_SALT), ctx.replica_id_in_sync_group)
-    kl_weight = objectives.kl_warmup_weight(step, kl_warmup_steps)
+    num_replicas = ctx.num_replicas_in_sync
+    noise = sampling.Noise(inputs.step_seed(seed, step, _SAMPLING_SALT),
+                           ctx.replica_id_in_sync_group, num_replicas)
     with tf.GradientTape() as tape:
-      per_example, regularization, per_example_measurements = model.loss_terms(
-          batch['image'], seed=sample_seed, kl_weight=kl_weight)
+      per_example, regularization, measurements = model.train_terms(
+          batch, noise=noise, step=step)
       loss = objectives.replica_loss(per_example, regularization,
                                      global_batch_size=global_batch_size,
                                      num_replicas=num_replicas)
@@ -47,29 +52,57 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, num_r
     else:
       grad_norm = tf.cond(measure, norm, lambda: tf.constant(0.0))
     optimizer.apply_gradients(zip(grads, variables), skip_gradients_aggregation=True)
-    shares = {k: objectives.global_batch_mean(v, global_batch_size)
-              for k, v in per_example_measurements.items()}
+    shares = {k: measurement_share(v, global_batch_size, num_replicas)
+              for k, v in measurements.items()}
     shares['loss'] = loss
     shares['grad_norm'] = grad_norm / num_replicas
-    shares['kl_weight'] = kl_weight / num_replicas
     return shares
 
   return replica_step
 
 
-def make_replica_eval(model, *, seed, iw_samples, iw_chunk_size):
-  """Returns replica_eval(x, batch_index) -> dict of per-example sums and squares."""
+def measurement_share(value, global_batch_size, num_replicas):
+  """This replica's share of a measurement: [B] -> sum / G; scalar -> value / R."""
+  value = tf.cast(value, tf.float32)
+  if value.shape.rank == 0:
+    return value / num_replicas
+  return objectives.global_batch_mean(value, global_batch_size)
 
-  def replica_eval(x, batch_index):
+
+def make_replica_eval(term_fn, *, seed):
+  """Returns replica_eval(batch, batch_index) -> dict of per-example sums and squares.
+
+  Args:
+    term_fn: (batch, noise) -> dict of per-example [B] figures.
+    seed: run seed; the noise of test batch i is a function of (seed, i, replica).
+  """
+
+  def replica_eval(batch, batch_index):
     ctx = tf.distribute.get_replica_context()
     key = tf.random.experimental.stateless_fold_in(
         inputs.step_seed(seed, batch_index, 0xE7), ctx.replica_id_in_sync_group)
-    terms = model.eval_terms(x, seed=key, iw_samples=iw_samples,
-                             iw_chunk_size=iw_chunk_size)
-    out = {'count': tf.cast(tf.shape(x)[0], tf.float32)}
+    terms = term_fn(batch, sampling.Noise(key))
+    out = {'count': tf.cast(tf.shape(batch['image'])[0], tf.float32)}
     for k, v in terms.items():
       out[k] = tf.reduce_sum(v)
       out[k + '_sq'] = tf.reduce_sum(tf.square(v))
     return out
 
   return replica_eval
+
+
+def make_replica_predict(predict_fn, *, seed):
+  """Returns replica_predict(batch, batch_index) -> dict of per-example outputs.
+
+  Args:
+    predict_fn: (batch, noise) -> dict of tensors whose first axis is the batch
+      (or second, for [S, B, ...] Monte-Carlo outputs: see `EvalLoop` / `PredictLoop`).
+  """
+
+  def replica_predict(batch, batch_index):
+    ctx = tf.distribute.get_replica_context()
+    key = tf.random.experimental.stateless_fold_in(
+        inputs.step_seed(seed, batch_index, 0xE8), ctx.replica_id_in_sync_group)
+    return predict_fn(batch, sampling.Noise(key))
+
+  return replica_predict

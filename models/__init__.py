@@ -1,18 +1,23 @@
-"""Model registry: name -> (config class, factory).
+"""Model registry: name -> the model's module.
 
-A factory takes (config, *, image_shape, pixel_mean, seed) and returns a tf.Module
-with `loss_terms`, `eval_terms`, `measurement_keys` and `eval_keys`.
+Each module provides:
+- `Config`: a frozen dataclass of the model's options (field names = flag names);
+- `prepare_data(config, dataset, *, data_config, seed)` -> `engine.inputs.TaskData`;
+- `build(config, *, task_data, seed)` -> a tf.Module with `train_terms(batch, *,
+  noise, step)` and `measurement_keys` (see `engine.step.make_replica_step`);
+- `evaluate(exp, *, final)` -> metrics dict, `summary_line(metrics)` -> str, and
+  `write_summaries(exp, writers, step)` (TensorBoard images / histograms).
 """
 from engine import errors
 from models import vae
 
 MODELS = {
-    'vae': (vae.VAEConfig, vae.build),
+    'vae': vae,
 }
 
 
 def get(name):
-  """(config class, factory) for a model name."""
+  """The module registered under a model name."""
   if name not in MODELS:
     raise errors.ConfigError(
         f'--model={name!r} is not known; choose one of: {", ".join(MODELS)}.')

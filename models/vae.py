@@ -14,7 +14,11 @@ import tensorflow_probability as tfp
 import tf_keras
 
 from engine import errors
+from engine import evaluation
+from engine import inputs
 from engine import objectives
+from engine import sampling
+from engine import summaries
 
 tfd = tfp.distributions
 tfpl = tfp.layers
@@ -153,15 +157,14 @@ class VAE(tf.Module):
     h, w, c = self.image_shape
     num_pixels = h * w * c
     d = config.latent_dim
-    self._sample_seed = None
-
     self.latent_prior = tfd.MultivariateNormalDiag(
         loc=tf.zeros([d]), scale_diag=tf.ones([d]), name='latent_prior')
 
-    # The posterior layer draws its reparameterized sample when called; we seed that
-    # sample through `_sample_seed`, set by `approx_posterior` just before the call.
+    # The layer's tensor value is the posterior mean; the reparameterized samples are
+    # drawn by `posterior_sample` from step-indexed noise (engine.sampling), so a
+    # global example's sample does not depend on the replica split.
     def draw(q):
-      return q.sample(seed=self._sample_seed)
+      return q.mean()
 
     regularizer = None
     if config.kl == 'regularizer':
@@ -236,13 +239,14 @@ class VAE(tf.Module):
       pixel_mean = np.log(p) - np.log1p(-p)
     bias.assign(pixel_mean.astype(np.float32))
 
-  def approx_posterior(self, x, seed):
-    """q(z | x) for a batch x [B, H, W, C]; its tensor value is a sample drawn with `seed`."""
-    self._sample_seed = seed
-    try:
-      return self.encoder(x)
-    finally:
-      self._sample_seed = None
+  def approx_posterior(self, x):
+    """q(z | x) for a batch x [B, H, W, C] (a MultivariateNormalLinearOperator)."""
+    return self.encoder(x)
+
+  @staticmethod
+  def posterior_sample(q, eps):
+    """Reparameterized z = loc + scale @ eps for standard-normal eps [..., B, d]."""
+    return q.loc + q.scale.matvec(eps)
 
   def likelihood(self, z):
     """p(x | z) for z [..., d]; batch shape = z's leading dims, event = one image."""
@@ -259,10 +263,15 @@ class VAE(tf.Module):
     return tfd.Independent(base, reinterpreted_batch_ndims=3)
 
   @property
-  def measurement_keys(self):
-    """Names of the per-example training measurements `loss_terms` returns."""
+  def per_example_keys(self):
+    """Names of the per-example [B] measurements `loss_terms` returns."""
     base = ('distortion', 'rate', 'elbo')
     return base + (('iwae',) if self.config.objective == 'iwae' else ())
+
+  @property
+  def measurement_keys(self):
+    """Names of the training measurements `train_terms` returns."""
+    return self.per_example_keys + ('kl_weight',)
 
   def eval_keys(self, iw_samples):
     """Names of the per-example test figures `eval_terms` returns."""
@@ -272,8 +281,22 @@ class VAE(tf.Module):
     """Layer losses (the KLDivergenceRegularizer's batch-mean rate when enabled)."""
     return tf.add_n(self.encoder.losses) if self.encoder.losses else tf.constant(0.0)
 
-  def loss_terms(self, x, *, seed, kl_weight):
+  def train_terms(self, batch, *, noise, step):
+    """The engine's entry point: `loss_terms` with the KL warm-up weight of `step`."""
+    kl_weight = objectives.kl_warmup_weight(step, self.config.kl_warmup_steps)
+    loss, regularization, measurements = self.loss_terms(batch['image'], noise=noise,
+                                                         kl_weight=kl_weight)
+    measurements['kl_weight'] = kl_weight
+    return loss, regularization, measurements
+
+  def loss_terms(self, x, *, kl_weight, noise=None, seed=None):
     """Per-example loss and measurements for one replica's batch.
+
+    Args:
+      x: this replica's images [B, H, W, C].
+      kl_weight: the rate's weight (KL warm-up).
+      noise: an `engine.sampling.Noise`; `seed` is shorthand for Noise(seed)
+        (one replica).
 
     Returns:
       (per_example_loss [B], regularization scalar, measurements) where
@@ -282,9 +305,12 @@ class VAE(tf.Module):
       once globally (see `objectives.replica_loss`).
     """
     cfg = self.config
-    post_seed, iw_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    q = self.approx_posterior(x, post_seed)
-    z = tf.convert_to_tensor(q)  # the layer's own (seeded) reparameterized sample
+    noise = noise if noise is not None else sampling.Noise(seed)
+    post_noise, iw_noise = noise.split(2)
+    q = self.approx_posterior(x)
+    batch = tf.shape(x)[0]
+    d = cfg.latent_dim
+    z = self.posterior_sample(q, post_noise.normal([batch, d]))
     distortion = objectives.distortion(self.likelihood(z), x)
     regularization = tf.constant(0.0)
     if cfg.kl == 'analytic':
@@ -299,7 +325,8 @@ class VAE(tf.Module):
     measurements = {'distortion': distortion, 'rate': rate,
                     'elbo': -(distortion + rate)}
     if cfg.objective == 'iwae':
-      zk = q.sample(cfg.num_iw_samples, seed=iw_seed)
+      zk = self.posterior_sample(
+          q, iw_noise.normal([cfg.num_iw_samples, batch, d], batch_axis=1))
       log_w = objectives.log_importance_weights(q, self.latent_prior, self.likelihood, x, zk)
       iwae = objectives.iwae_bound(log_w)
       measurements['iwae'] = iwae
@@ -311,8 +338,8 @@ class VAE(tf.Module):
   def eval_terms(self, x, *, seed, iw_samples, iw_chunk_size):
     """Per-example test figures: elbo, rate, distortion and (if iw_samples) log p(x)."""
     post_seed, iw_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    q = self.approx_posterior(x, post_seed)
-    z = tf.convert_to_tensor(q)
+    q = self.approx_posterior(x)
+    z = self.posterior_sample(q, tf.random.stateless_normal(tf.shape(q.loc), seed=post_seed))
     distortion = objectives.distortion(self.likelihood(z), x)
     rate = objectives.analytic_rate(q, self.latent_prior)
     out = {'distortion': distortion, 'rate': rate, 'elbo': -(distortion + rate)}
@@ -324,7 +351,8 @@ class VAE(tf.Module):
 
   def reconstruct(self, x, seed):
     """Mean of p(x | z) for z ~ q(z | x): images in [0, 1]."""
-    z = tf.convert_to_tensor(self.approx_posterior(x, seed))
+    q = self.approx_posterior(x)
+    z = self.posterior_sample(q, tf.random.stateless_normal(tf.shape(q.loc), seed=seed))
     return self.likelihood(z).mean()
 
   def sample(self, num, seed):
@@ -333,6 +361,77 @@ class VAE(tf.Module):
     return self.likelihood(z).mean()
 
 
-def build(config: VAEConfig, *, image_shape, pixel_mean=None, seed=0):
-  """Factory used by the model registry."""
+Config = VAEConfig
+
+
+def prepare_data(config: VAEConfig, dataset, *, data_config, seed):
+  """ImageDataset -> TaskData: unsupervised; Bernoulli likelihoods get binarized data.
+
+  Training images are binarized dynamically (every step, seeded); the test set once,
+  with a fixed seed, so test figures are comparable across runs.
+  """
+  del seed
+  binarize = config.likelihood == 'bernoulli' and data_config.binarize
+  test = (inputs.binarize_test_set(dataset.test_images) if binarize
+          else dataset.test_images.astype(np.float32) / 255.0)
+  return inputs.TaskData(name=dataset.name, source=dataset.source,
+                         train_images=dataset.train_images, test_images=test,
+                         binarize=binarize)
+
+
+def build(config: VAEConfig, *, task_data=None, image_shape=None, pixel_mean=None,
+          seed=0):
+  """Factory used by the model registry (from TaskData, or explicit shape/mean)."""
+  if task_data is not None:
+    image_shape = task_data.image_shape
+    pixel_mean = task_data.train_images.astype(np.float32).mean(axis=0) / 255.0
   return VAE(config, image_shape=image_shape, pixel_mean=pixel_mean, seed=seed)
+
+
+def evaluate(exp, *, final=True, iw_samples=None, images=None):
+  """Test figures in nats per example (means and standard errors).
+
+  Args:
+    exp: the controller's Experiment.
+    final: the end-of-run evaluation (`--eval_iw_samples` importance samples) or a
+      periodic one (`--periodic_eval_iw_samples`).
+    iw_samples: overrides the number of importance samples (0: ELBO only).
+    images: overrides the test images.
+  """
+  t = exp.config.train
+  if iw_samples is None:
+    iw_samples = t.eval_iw_samples if final else t.periodic_eval_iw_samples
+  model = exp.model
+
+  def term_fn(batch, noise):
+    return model.eval_terms(batch['image'], seed=noise.seed, iw_samples=iw_samples,
+                            iw_chunk_size=t.iw_chunk_size)
+
+  out = evaluation.mean_figures(
+      exp, term_fn, model.eval_keys(iw_samples),
+      images=exp.task.test_images if images is None else images)
+  if 'log_likelihood' in out:
+    out['nll'] = -out['log_likelihood']
+    out['iw_samples'] = iw_samples
+  return out
+
+
+def summary_line(metrics):
+  """The final figures in one line for the log."""
+  line = f'test elbo {metrics["elbo"]:.2f} +- {metrics["elbo_stderr"]:.2f} nats'
+  if 'nll' in metrics:
+    line += (f'; test NLL (-log p(x), k={metrics["iw_samples"]}) {metrics["nll"]:.2f} '
+             f'+- {metrics["log_likelihood_stderr"]:.2f} nats')
+  return line
+
+
+def write_summaries(exp, writers, step):
+  """Reconstructions of test images and samples from the prior, as TensorBoard images."""
+  n = exp.config.train.num_summary_images
+  seed = tf.constant([exp.config.train.seed, 77], tf.int32)
+  x = exp.task.test_images[:n]
+  recon = exp.model.reconstruct(tf.constant(x), seed).numpy()
+  pairs = np.concatenate([x, recon], axis=2)  # original | reconstruction
+  writers.image('eval', 'reconstructions', summaries.image_grid(pairs), step)
+  samples = exp.model.sample(n, seed).numpy()
+  writers.image('eval', 'prior_samples', summaries.image_grid(samples), step)

@@ -14,9 +14,14 @@ from engine import distribute  # noqa: E402
 distribute.set_logical_cpu_devices(2)
 
 
-@pytest.fixture
+@pytest.fixture(scope='session')
 def mirrored_strategy():
-  """MirroredStrategy over the two logical CPU devices."""
+  """MirroredStrategy over the two logical CPU devices, one per test session.
+
+  One strategy per process, as in a real run: separate MirroredStrategy objects in
+  one process can collide on collective instance keys (seen here: a gradient
+  all-reduce of one test's model met the previous test's shape).
+  """
   return distribute.make_strategy('mirrored', num_cpu_devices=2)
 
 

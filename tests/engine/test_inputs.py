@@ -266,6 +266,48 @@ def test_eval_dataset_keeps_every_example(mirrored_strategy):
   dist = inputs.make_eval_dataset(mirrored_strategy, images, batch_size=4)
   seen = []
   for batch in dist:
-    for part in mirrored_strategy.experimental_local_results(batch):
+    for part in mirrored_strategy.experimental_local_results(batch['image']):
       seen.extend(part.numpy().ravel().tolist())
   assert sorted(seen) == list(range(11))
+
+
+def test_eval_dataset_carries_targets_aligned_with_images(mirrored_strategy):
+  """With targets, every test batch is {'image', 'target'} and the pairs stay aligned."""
+  images = np.arange(11, dtype=np.float32).reshape(11, 1, 1, 1)
+  targets = np.arange(11, dtype=np.int32) * 10
+  dist = inputs.make_eval_dataset(mirrored_strategy, images, batch_size=4, targets=targets)
+  pairs = []
+  for batch in dist:
+    xs = mirrored_strategy.experimental_local_results(batch['image'])
+    ys = mirrored_strategy.experimental_local_results(batch['target'])
+    for x, y in zip(xs, ys):
+      pairs.extend(zip(x.numpy().ravel().tolist(), y.numpy().tolist()))
+  assert sorted(pairs) == [(float(i), 10 * i) for i in range(11)]
+
+
+@pytest.mark.parametrize('pipeline', ['in_memory', 'tf_data'])
+def test_train_input_gathers_the_targets_of_the_images(pipeline, mirrored_strategy):
+  """Both pipelines return each replica's targets for exactly its images."""
+  n = 24
+  images = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1)
+  targets = np.arange(n, dtype=np.int32) + 100
+  train_input = inputs.make_train_input(
+      pipeline, images, strategy=mirrored_strategy, global_batch_size=8, seed=3,
+      binarize=False, targets=targets)
+  iterator = train_input.iterator(0)
+  for step in range(4):
+    args = train_input.next_args(iterator, tf.constant(step, tf.int64))
+    out = mirrored_strategy.run(
+        lambda a, s=step: train_input.replica_batch(a, tf.constant(s, tf.int64)), args=(args,))
+    xs = mirrored_strategy.experimental_local_results(out['image'])
+    ys = mirrored_strategy.experimental_local_results(out['target'])
+    for x, y in zip(xs, ys):
+      pixel = np.rint(x.numpy().ravel() * 255).astype(np.int32)
+      np.testing.assert_array_equal(pixel + 100, y.numpy())
+
+
+def test_train_input_refuses_targets_of_another_length(default_strategy):
+  with pytest.raises(errors.DataError, match='5 targets for 6 images'):
+    inputs.make_train_input('in_memory', np.zeros((6, 1, 1, 1), np.uint8),
+                            strategy=default_strategy, global_batch_size=2, seed=0,
+                            binarize=False, targets=np.zeros(5, np.int32))

@@ -6,26 +6,26 @@ from engine import errors
 from models import vae
 
 
-def test_get_vae_returns_config_class_and_factory():
-  """models.get('vae') is exactly (VAEConfig, build)."""
-  config_cls, factory = models.get('vae')
-  assert config_cls is vae.VAEConfig
-  assert factory is vae.build
+def test_get_vae_returns_its_module():
+  """models.get('vae') is the vae module, whose Config is VAEConfig."""
+  module = models.get('vae')
+  assert module is vae
+  assert module.Config is vae.VAEConfig
 
 
 def test_vae_factory_builds_a_model_with_the_engine_interface():
   """The factory takes (config, *, image_shape, pixel_mean, seed) and returns a VAE."""
-  config_cls, factory = models.get('vae')
-  config = config_cls(encoder_sizes=(16,), decoder_sizes=(16,), latent_dim=3)
-  model = factory(config, image_shape=(8, 8, 1), pixel_mean=None, seed=1)
+  module = models.get('vae')
+  config = module.Config(encoder_sizes=(16,), decoder_sizes=(16,), latent_dim=3)
+  model = module.build(config, image_shape=(8, 8, 1), pixel_mean=None, seed=1)
   assert isinstance(model, vae.VAE)
   assert model.config is config
   assert model.image_shape == (8, 8, 1)
-  for attr in ('loss_terms', 'eval_terms', 'measurement_keys', 'eval_keys'):
+  for attr in ('train_terms', 'loss_terms', 'eval_terms', 'measurement_keys', 'eval_keys'):
     assert hasattr(model, attr), attr
 
 
-@pytest.mark.parametrize('name', ['vea', 'VAE', '', 'bnn'])
+@pytest.mark.parametrize('name', ['vea', 'VAE', '', 'bnnn'])
 def test_unknown_model_raises_config_error_listing_known_names(name):
   """An unknown name raises ConfigError naming the flag, the bad value and 'vae'."""
   with pytest.raises(errors.ConfigError) as info:
@@ -36,10 +36,11 @@ def test_unknown_model_raises_config_error_listing_known_names(name):
   assert 'vae' in message.split('choose one of:')[1]
 
 
-def test_every_registered_model_is_a_config_and_a_callable():
-  """Each registry entry is (a config class, a callable factory)."""
+def test_every_registered_model_has_the_hooks():
+  """Each registry entry is a module with a Config class and the controller's hooks."""
   assert 'vae' in models.MODELS
-  for name, (config_cls, factory) in models.MODELS.items():
-    assert isinstance(config_cls, type), name
-    assert callable(factory), name
-    assert models.get(name) == (config_cls, factory)
+  for name, module in models.MODELS.items():
+    assert isinstance(module.Config, type), name
+    for hook in ('prepare_data', 'build', 'evaluate', 'summary_line', 'write_summaries'):
+      assert callable(getattr(module, hook)), (name, hook)
+    assert models.get(name) is module

@@ -52,21 +52,24 @@ def _copy_weights(source, target):
 
 @pytest.mark.parametrize('posterior', ['diag', 'full_cov'])
 def test_approx_posterior_shapes(posterior):
-  """q(z | x) has batch shape [B] and event shape [d]; its value is a [B, d] sample."""
+  """q(z | x) has batch shape [B] and event shape [d]; a reparameterized sample is
+  [B, d], and its tensor value is the posterior mean."""
   model = _model(posterior=posterior)
-  q = model.approx_posterior(_images(5), _seed(1))
+  q = model.approx_posterior(_images(5))
   assert q.batch_shape.as_list() == [5]
   assert q.event_shape.as_list() == [LATENT]
-  z = tf.convert_to_tensor(q)
+  np.testing.assert_allclose(tf.convert_to_tensor(q).numpy(), q.mean().numpy())
+  z = model.posterior_sample(q, tf.random.stateless_normal([5, LATENT], seed=_seed(1)))
   assert z.shape.as_list() == [5, LATENT]
   assert np.all(np.isfinite(z.numpy()))
+  assert not np.allclose(z.numpy(), q.mean().numpy())
 
 
 @pytest.mark.parametrize('posterior', ['diag', 'full_cov'])
 def test_approx_posterior_full_cov_is_correlated_and_diag_is_not(posterior):
   """'full_cov' gives a non-diagonal covariance; 'diag' an exactly diagonal one."""
   model = _model(posterior=posterior)
-  cov = model.approx_posterior(_images(4), _seed(1)).covariance().numpy()
+  cov = model.approx_posterior(_images(4)).covariance().numpy()
   off_diagonal = cov - np.einsum('bij,ij->bij', cov, np.eye(LATENT))
   if posterior == 'diag':
     assert np.all(off_diagonal == 0.0)
@@ -117,7 +120,7 @@ def test_conv_architecture_trains_on_28x28():
                                              kl_weight=1.0)
   assert loss.shape.as_list() == [4]
   assert float(reg) == 0.0
-  for key in model.measurement_keys:
+  for key in model.per_example_keys:
     assert measurements[key].shape.as_list() == [4]
     assert np.all(np.isfinite(measurements[key].numpy()))
 
@@ -146,10 +149,10 @@ def test_loss_terms_are_a_function_of_the_seed(overrides):
   again = model.loss_terms(x, seed=_seed(11, 3), kl_weight=1.0)
   other = model.loss_terms(x, seed=_seed(12, 3), kl_weight=1.0)
   np.testing.assert_array_equal(first[0].numpy(), again[0].numpy())
-  for key in model.measurement_keys:
+  for key in model.per_example_keys:
     np.testing.assert_array_equal(first[2][key].numpy(), again[2][key].numpy())
   mc_keys = ['distortion'] + (['rate'] if overrides.get('kl') == 'monte_carlo' else [])
-  mc_keys += ['iwae'] if 'iwae' in model.measurement_keys else []
+  mc_keys += ['iwae'] if 'iwae' in model.per_example_keys else []
   for key in mc_keys:
     assert not np.allclose(first[2][key].numpy(), other[2][key].numpy()), key
   assert not np.allclose(first[0].numpy(), other[0].numpy())
@@ -322,7 +325,7 @@ def test_monte_carlo_rate_is_unbiased_for_the_analytic_rate():
   model = _model(kl='monte_carlo')
   x = _images(6)
   mc = _over_seeds(model, x, 'rate')
-  analytic = objectives.analytic_rate(model.approx_posterior(x, _seed(0)),
+  analytic = objectives.analytic_rate(model.approx_posterior(x),
                                       model.latent_prior).numpy()
   se = mc.std(axis=0, ddof=1) / np.sqrt(len(mc))
   assert np.all(se > 0)
@@ -582,8 +585,8 @@ def test_config_accepts_valid_combinations(overrides):
 
 def test_measurement_and_eval_keys():
   """measurement_keys adds 'iwae' only for that objective; eval_keys adds log_likelihood."""
-  assert _model().measurement_keys == ('distortion', 'rate', 'elbo')
+  assert _model().measurement_keys == ('distortion', 'rate', 'elbo', 'kl_weight')
   iwae = _model(objective='iwae', num_iw_samples=2)
-  assert iwae.measurement_keys == ('distortion', 'rate', 'elbo', 'iwae')
+  assert iwae.measurement_keys == ('distortion', 'rate', 'elbo', 'iwae', 'kl_weight')
   assert iwae.eval_keys(0) == ('distortion', 'rate', 'elbo')
   assert iwae.eval_keys(10) == ('distortion', 'rate', 'elbo', 'log_likelihood')

@@ -1,0 +1,57 @@
+"""Evaluation over a test set, shared by the models' `evaluate` hooks.
+
+Two shapes of evaluation:
+- `mean_figures`: per-example figures summed in a compiled loop, reported as means
+  with standard errors (a VAE's ELBO and importance-sampled log p(x));
+- `predictions`: per-example outputs gathered to numpy (a BNN's Monte-Carlo
+  predictive probabilities), from which `engine.metrics` computes calibration and
+  out-of-distribution figures.
+"""
+import math
+
+from engine import inputs
+from engine import loop as loop_lib
+from engine import step as step_lib
+
+
+def mean_figures(exp, term_fn, keys, *, images, targets=None):
+  """Means and standard errors of per-example figures over a test set.
+
+  Args:
+    exp: the controller's Experiment (strategy, config).
+    term_fn: (batch, noise) -> dict of per-example [B] figures named by `keys`.
+    keys: names of the figures.
+    images: float test images [M, H, W, C]; targets: optional [M].
+
+  Returns:
+    {'num_examples': M, name: mean, name + '_stderr': standard error, ...}
+  """
+  t = exp.config.train
+  replica_eval = step_lib.make_replica_eval(term_fn, seed=t.seed)
+  sum_keys = ('count',) + tuple(k for name in keys for k in (name, name + '_sq'))
+  eval_loop = loop_lib.EvalLoop(replica_eval, strategy=exp.strategy, keys=sum_keys,
+                                jit_compile=t.jit_compile)
+  totals = {k: float(v) for k, v in eval_loop(inputs.make_eval_dataset(
+      exp.strategy, images, batch_size=t.eval_batch_size, targets=targets)).items()}
+  n = totals['count']
+  out = {'num_examples': int(n)}
+  for name in keys:
+    mean = totals[name] / n
+    var = max(totals[name + '_sq'] / n - mean * mean, 0.0)
+    out[name] = mean
+    out[name + '_stderr'] = math.sqrt(var / max(n - 1, 1))
+  return out
+
+
+def predictions(exp, predict_fn, *, images, targets=None, jit_compile=None):
+  """Per-example outputs of `predict_fn(batch, noise)` over a test set, as numpy.
+
+  Outputs must have the batch as their first axis; they come back in test-set order.
+  """
+  t = exp.config.train
+  replica_predict = step_lib.make_replica_predict(predict_fn, seed=t.seed)
+  predict_loop = loop_lib.PredictLoop(
+      replica_predict, strategy=exp.strategy,
+      jit_compile=t.jit_compile if jit_compile is None else jit_compile)
+  return predict_loop(inputs.make_eval_dataset(
+      exp.strategy, images, batch_size=t.eval_batch_size, targets=targets))

@@ -1,0 +1,83 @@
+"""Step-indexed randomness that does not depend on how the batch is split.
+
+A training step's noise (latent samples, weight samples, Flipout signs, local
+reparameterization noise) is a pure function of (run seed, step, purpose), and the
+noise of a *given global example* is the same whatever the number of replicas:
+per-example noise is drawn for the whole global batch and each replica keeps its
+rows. Noise shared by the whole batch (one weight sample per step) is drawn from
+the same seed on every replica. So training with 1 replica and with 2 replicas at
+the same global batch computes the same global-batch gradient, and a resumed run
+draws what an uninterrupted run would have drawn.
+
+The price is that each replica draws G rows of per-example noise to keep B = G / R
+of them; for the noise sizes used here (latents, activations, sign vectors) that is
+small next to the network's matmuls.
+"""
+import tensorflow as tf
+
+
+class Noise:
+  """Stateless noise for one replica at one step.
+
+  Args:
+    seed: int32 [2] seed for this step and purpose (e.g. `inputs.step_seed`).
+    replica_id: this replica's index in the sync group (int or scalar Tensor).
+    num_replicas: replicas in sync (Python int).
+  """
+
+  def __init__(self, seed, replica_id=0, num_replicas=1):
+    self.seed = tf.convert_to_tensor(seed, tf.int32)
+    self.replica_id = replica_id
+    self.num_replicas = int(num_replicas)
+
+  @classmethod
+  def from_replica_context(cls, seed):
+    ctx = tf.distribute.get_replica_context()
+    return cls(seed, ctx.replica_id_in_sync_group, ctx.num_replicas_in_sync)
+
+  def fold(self, salt):
+    """An independent stream for another purpose (salt: int)."""
+    return Noise(tf.random.experimental.stateless_fold_in(self.seed, salt),
+                 self.replica_id, self.num_replicas)
+
+  def split(self, n):
+    """n independent streams."""
+    return [self.fold(0x51 + i) for i in range(n)]
+
+  # Shared: identical on every replica.
+  def shared_normal(self, shape, dtype=tf.float32):
+    return tf.random.stateless_normal(shape, seed=self.seed, dtype=dtype)
+
+  def shared_uniform(self, shape, dtype=tf.float32):
+    return tf.random.stateless_uniform(shape, seed=self.seed, dtype=dtype)
+
+  # Per example: rows of the global batch; `batch_axis` of `shape` is the local batch.
+  def _global(self, draw, shape, batch_axis):
+    shape = list(shape)
+    local = shape[batch_axis]
+    if self.num_replicas == 1:
+      return draw(shape)
+    shape[batch_axis] = local * self.num_replicas
+    full = draw(shape)
+    begin = [0] * len(shape)
+    begin[batch_axis] = self.replica_id * local
+    size = list(shape)
+    size[batch_axis] = local
+    return tf.slice(full, begin, size)
+
+  def normal(self, shape, *, batch_axis=0, dtype=tf.float32):
+    """Standard normal noise of `shape`, whose `batch_axis` is the local batch."""
+    return self._global(lambda s: tf.random.stateless_normal(s, seed=self.seed, dtype=dtype),
+                        shape, batch_axis)
+
+  def uniform(self, shape, *, batch_axis=0, dtype=tf.float32):
+    return self._global(lambda s: tf.random.stateless_uniform(s, seed=self.seed, dtype=dtype),
+                        shape, batch_axis)
+
+  def rademacher(self, shape, *, batch_axis=0, dtype=tf.float32):
+    """+-1 with equal probability (Flipout sign vectors)."""
+    def draw(s):
+      bits = tf.random.stateless_uniform(s, seed=self.seed, minval=0, maxval=2,
+                                         dtype=tf.int32)
+      return tf.cast(2 * bits - 1, dtype)
+    return self._global(draw, shape, batch_axis)
