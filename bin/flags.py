@@ -74,6 +74,12 @@ def define_flags():
                        'Importance samples during periodic evaluations (0: ELBO only).')
   flags.DEFINE_integer('iw_chunk_size', 100, 'Importance samples drawn at a time (> 0).')
   flags.DEFINE_list('profile_steps', [], 'FIRST,LAST step range to profile (empty: off).')
+  flags.DEFINE_enum('precision', 'float32', ['float32', 'mixed_bfloat16', 'mixed_float16'],
+                    'Layer compute dtype; variables, distributions and the loss stay '
+                    'float32. mixed_float16 uses dynamic loss scaling.')
+  flags.DEFINE_boolean('deterministic', False,
+                       'Op determinism: with the step-indexed randomness a killed and '
+                       'resumed run ends bit-identical to an uninterrupted one (CPU).')
 
 
 def _list(name, kind):
@@ -129,14 +135,18 @@ def experiment_config():
       jit_compile=FLAGS.jit_compile, seed=FLAGS.seed, eval_batch_size=FLAGS.eval_batch_size,
       eval_iw_samples=FLAGS.eval_iw_samples,
       periodic_eval_iw_samples=FLAGS.periodic_eval_iw_samples,
-      iw_chunk_size=FLAGS.iw_chunk_size, profile_steps=tuple(profile) if profile else None)
+      iw_chunk_size=FLAGS.iw_chunk_size, profile_steps=tuple(profile) if profile else None,
+      precision=FLAGS.precision, deterministic=FLAGS.deterministic)
   return config_lib.ExperimentConfig(model=FLAGS.model, model_options=options, data=data,
                                      train=train)
 
 
 def strategy():
-  """The strategy named by --strategy, resolved once."""
+  """The strategy named by --strategy, resolved once (also applies --deterministic)."""
+  import tensorflow as tf
   from engine import distribute
+  if FLAGS.deterministic:
+    tf.config.experimental.enable_op_determinism()
   if FLAGS.num_cpu_devices < 0:
     raise errors.ConfigError(f'--num_cpu_devices={FLAGS.num_cpu_devices}: must be >= 0.')
   return distribute.make_strategy(FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices)

@@ -76,6 +76,11 @@ class TrainConfig:
     iw_chunk_size: importance samples drawn at a time (bounds memory).
     profile_steps: (first, last) step range to trace with the profiler, or None.
     num_summary_images: images in the reconstruction and sample grids.
+    precision: 'float32', 'mixed_bfloat16' or 'mixed_float16' (see
+      engine/precision.py; float16 uses dynamic loss scaling).
+    deterministic: op determinism (tf.config.experimental.enable_op_determinism,
+      set by bin/ at start-up); with the step-indexed randomness this makes a
+      killed-and-resumed run bit-identical to an uninterrupted one on CPU.
   """
   model_dir: str = '/tmp/elbo_engine/vae'
   train_steps: int = 20000
@@ -94,8 +99,11 @@ class TrainConfig:
   iw_chunk_size: int = 100
   profile_steps: Optional[Tuple[int, int]] = None
   num_summary_images: int = 64
+  precision: str = 'float32'
+  deterministic: bool = False
 
   def __post_init__(self):
+    _choice('precision', self.precision, ('float32', 'mixed_bfloat16', 'mixed_float16'))
     for name in ('train_steps', 'batch_size', 'steps_per_loop', 'eval_every',
                  'checkpoint_every', 'keep_checkpoints', 'eval_batch_size',
                  'iw_chunk_size', 'num_summary_images'):

@@ -18,6 +18,7 @@ from engine import datasets
 from engine import errors
 from engine import inputs
 from engine import loop as loop_lib
+from engine import precision
 from engine import step as step_lib
 from engine import summaries
 
@@ -64,16 +65,17 @@ def build(config, strategy, *, data=None, record_config=True):
   module = models.get(config.model)
   task = module.prepare_data(config.model_options, data, data_config=config.data,
                              seed=config.train.seed)
-  with strategy.scope():
+  with strategy.scope(), precision.policy_scope(config.train.precision):
     model = module.build(config.model_options, task_data=task, seed=config.train.seed)
-    optimizer = tf_keras.optimizers.Adam(learning_rate=config.train.learning_rate)
+  with strategy.scope():
+    optimizer = precision.make_optimizer(config.train.precision, config.train.learning_rate)
     optimizer.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name='global_step')
   manager = checkpoints.make_manager(model_dir, max_to_keep=config.train.keep_checkpoints,
                                      model=model, optimizer=optimizer, step=step)
   checkpoints.restore_latest(manager, model_dir=model_dir)
   # The learning rate is a checkpointed optimizer variable; the flag wins on resume.
-  optimizer.learning_rate = config.train.learning_rate
+  precision.inner_optimizer(optimizer).learning_rate = config.train.learning_rate
   if record_config:
     checkpoints.check_and_record_config(model_dir, config_dict)
   return Experiment(config, strategy, data, task, module, model, optimizer, step, manager)
@@ -137,8 +139,11 @@ def make_train_loop(exp):
       targets=exp.task.train_targets)
   replica_step = step_lib.make_replica_step(
       exp.model, exp.optimizer, train_input, global_batch_size=t.batch_size,
-      seed=t.seed, clip_grad_norm=t.clip_grad_norm)
+      seed=t.seed, clip_grad_norm=t.clip_grad_norm,
+      loss_scaling=precision.needs_loss_scaling(t.precision))
   keys = ('loss', 'grad_norm') + tuple(exp.model.measurement_keys)
+  if precision.needs_loss_scaling(t.precision):
+    keys += ('skipped', 'loss_scale')
   train_loop = loop_lib.TrainLoop(replica_step, train_input, strategy=strategy,
                                   step_counter=exp.step, measurement_keys=keys,
                                   jit_compile=t.jit_compile)
@@ -201,10 +206,16 @@ def train(config, strategy, *, log=print, data=None):
     rate = n / seconds
     ex_rate = rate * t.batch_size
     eta = (t.train_steps - current) / (timed_steps / timed_seconds if timed_steps else rate)
-    lr = float(tf_keras.backend.get_value(exp.optimizer.learning_rate))
-    writers.scalars('train', {**means, 'learning_rate': lr, 'steps_per_sec': rate,
-                              'examples_per_sec': ex_rate}, current)
+    lr = float(tf_keras.backend.get_value(
+        precision.inner_optimizer(exp.optimizer).learning_rate))
+    extra = {}
+    if 'skipped' in means:  # float16 loss scaling: steps skipped in this call
+      extra['skipped_steps'] = round(means.pop('skipped') * n)
+    writers.scalars('train', {**means, **extra, 'learning_rate': lr,
+                              'steps_per_sec': rate, 'examples_per_sec': ex_rate}, current)
     shown = '  '.join(f'{k} {means[k]:.4g}' for k in exp.model.measurement_keys)
+    if extra:
+      shown += (f'  loss_scale {means["loss_scale"]:g} skipped {extra["skipped_steps"]}')
     log(f'step {current:>7d}/{t.train_steps}  loss {means["loss"]:.4g}  {shown}  '
         f'{ex_rate:,.0f} ex/s  eta {_fmt_eta(eta)}')
     if current % t.checkpoint_every == 0 or current == t.train_steps:

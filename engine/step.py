@@ -12,7 +12,7 @@ _SAMPLING_SALT = 0x5A
 
 
 def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
-                      clip_grad_norm):
+                      clip_grad_norm, loss_scaling=False):
   """Returns replica_step(args, step, measure) -> dict of measurement shares.
 
   The model supplies `train_terms(batch, *, noise, step)` -> (per_example_loss [B],
@@ -26,6 +26,11 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
   computed only then (or always, when clipping needs it), because a per-step norm
   over every gradient slowed the XLA step on CPU (benchmarks/RESULTS.md: 0.87x ->
   0.94x of the fastest `fit`); it is 0 otherwise.
+
+  With `loss_scaling` (float16), `optimizer` is a tf_keras LossScaleOptimizer: the
+  loss is scaled before the gradient, the all-reduced gradients are unscaled, and
+  the optimizer skips the update (and lowers the scale) when any gradient is
+  non-finite; 'skipped' (1 for a skipped step) and 'loss_scale' are measured.
   """
 
   def replica_step(args, step, measure):
@@ -40,11 +45,18 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
       loss = objectives.replica_loss(per_example, regularization,
                                      global_batch_size=global_batch_size,
                                      num_replicas=num_replicas)
+      target = optimizer.get_scaled_loss(loss) if loss_scaling else loss
     variables = model.trainable_variables
-    grads = tape.gradient(loss, variables)
+    grads = tape.gradient(target, variables)
     # Sum gradients across replicas here (not inside the optimizer) so the norm and
     # clipping see the global gradient.
     grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+    extra = {}
+    if loss_scaling:
+      grads = optimizer.get_unscaled_gradients(grads)
+      finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+      extra['skipped'] = 1.0 - tf.cast(finite, tf.float32)
+      extra['loss_scale'] = tf.identity(optimizer.loss_scale)
     norm = lambda: tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads]))
     if clip_grad_norm:
       grad_norm = norm()
@@ -53,7 +65,7 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
       grad_norm = tf.cond(measure, norm, lambda: tf.constant(0.0))
     optimizer.apply_gradients(zip(grads, variables), skip_gradients_aggregation=True)
     shares = {k: measurement_share(v, global_batch_size, num_replicas)
-              for k, v in measurements.items()}
+              for k, v in {**measurements, **extra}.items()}
     shares['loss'] = loss
     shares['grad_norm'] = grad_norm / num_replicas
     return shares

@@ -173,14 +173,14 @@ class VAE(tf.Module):
       params = tfpl.MultivariateNormalTriL.params_size(d)
       posterior_layer = _MultivariateNormalTriL(
           d, convert_to_tensor_fn=draw, activity_regularizer=regularizer,
-          name='approx_posterior')
+          name='approx_posterior', dtype='float32')
     else:
       params = 2 * d
       posterior_layer = _DistributionLambda(
           lambda t: tfd.MultivariateNormalDiag(
               loc=t[..., :d], scale_diag=tf.math.softplus(t[..., d:]) + 1e-5),
           convert_to_tensor_fn=draw, activity_regularizer=regularizer,
-          name='approx_posterior')
+          name='approx_posterior', dtype='float32')
 
     init = lambda i: tf_keras.initializers.GlorotUniform(seed=seed * 1000 + i)
     if config.architecture == 'mlp':
@@ -189,8 +189,8 @@ class VAE(tf.Module):
       dec = _mlp(config.decoder_sizes, 'decoder', seed * 1000 + 100)
       out_init = init(200)
       dec_out = [tf_keras.layers.Dense(num_pixels, kernel_initializer=out_init,
-                                       name='decoder_out'),
-                 tf_keras.layers.Reshape(self.image_shape)]
+                                       name='decoder_out', dtype='float32'),
+                 tf_keras.layers.Reshape(self.image_shape, dtype='float32')]
     else:
       f1, f2 = config.conv_filters
       if h % 4 or w % 4:
@@ -213,12 +213,13 @@ class VAE(tf.Module):
       out_init = init(200)
       dec_out = [tf_keras.layers.Conv2DTranspose(c, 5, 2, 'same',
                                                  kernel_initializer=out_init,
-                                                 name='decoder_out')]
+                                                 name='decoder_out', dtype='float32')]
 
     self.encoder = tf_keras.Sequential(
         [tf_keras.Input(self.image_shape)] + enc
         + [tf_keras.layers.Dense(params, kernel_initializer=init(300),
-                                 name='encoder_params'), posterior_layer],
+                                 name='encoder_params', dtype='float32'),
+           posterior_layer],
         name='encoder')
     self.decoder = tf_keras.Sequential([tf_keras.Input((d,))] + dec + dec_out,
                                        name='decoder')
