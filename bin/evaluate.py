@@ -18,6 +18,7 @@ def main(argv):
         f'--model_dir={config.train.model_dir} has no checkpoint; train first with '
         f'bin/train.py --model_dir={config.train.model_dir}.')
   metrics = controller.evaluate(exp, final=True)
+  controller.pop_images(exp, metrics, None, int(exp.step.numpy()))
   metrics.update({'step': int(exp.step.numpy()), 'model': config.model,
                   'dataset': exp.task.name})
   path = controller.write_metrics(config.train.model_dir, metrics)

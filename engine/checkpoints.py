@@ -1,7 +1,38 @@
 """Checkpoints and the run's recorded config: restore with clear errors, refuse
-incompatible model dirs, and never let a bad step overwrite a good checkpoint."""
+incompatible model dirs, and never let a bad step overwrite a good checkpoint.
+
+What a save guarantees (read from TF 2.21's `checkpoint_management.py`,
+`functional_saver.py` and the tensor bundle writer, and confirmed with strace):
+
+1. Each shard is written to `ckpt-N_temp/part-*.{data-*,index}.tempstate<random>`
+   and renamed within that directory.
+2. `MergeV2Checkpoints` renames the data shards to `ckpt-N.data-*`, then writes
+   `ckpt-N.index` *in place* (open with O_TRUNC, write, close): the data/index pair
+   is not written atomically.
+3. Only afterwards does `CheckpointManager` rewrite the `checkpoint` state file,
+   atomically (temp file + rename), to name ckpt-N as the latest; it rewrites it
+   again after deleting checkpoints beyond max_to_keep.
+
+So a process killed mid-save (SIGKILL, OOM) leaves the state file naming the old
+latest checkpoint, which is complete; the debris (`ckpt-N_temp/`, a `ckpt-N.data-*`
+without a full `ckpt-N.index`) is never referenced; the next save of step N
+replaces those files (stray `*.tempstate*` files in `ckpt-N_temp/` are safe to
+delete). The gap: nothing is fsynced. After a machine crash or power loss,
+or on a file system without ordered writes, the renamed state file can survive
+while the newest checkpoint's data or index is truncated or zero-filled; likewise
+a checkpoint dir copied partially. `restore_latest` covers that gap: it checks the
+files (every tensor's size and CRC32C) before restoring, falls back to the previous
+checkpoint with a warning, and moves the bad files aside to
+`<file>.corrupt-<YYYYmmdd-HHMMSS>` (renamed, never deleted) and out of the
+manager's list and state file, so later saves can neither sweep away the good
+checkpoint in its favour nor collide with it. Evaluation and sampling, which also
+restore through it, move bad files aside the same way. It assumes, as
+CheckpointManager does, that one process at a time writes the checkpoint dir. The
+check reads the checkpoint once more than a bare restore does.
+"""
 import json
 import os
+import time
 
 import tensorflow as tf
 
@@ -69,22 +100,129 @@ def make_manager(model_dir, *, max_to_keep, **trackables):
                                     max_to_keep=max_to_keep)
 
 
-def restore_latest(manager, *, model_dir):
-  """Restores the newest checkpoint if there is one; returns its path or None.
+def _first_line(e):
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def unreadable_reason(path):
+  """Why the checkpoint at prefix `path` cannot be read, or None if it can.
+
+  Opens the `.index` file and reads every tensor from the `.data-*` shards, which
+  checks each tensor's size and CRC32C checksum. Only files are looked at, never the
+  model, so a failure here means missing, truncated or corrupt files, not an
+  incompatible model.
+
+  Args:
+    path: a checkpoint prefix such as `.../checkpoints/ckpt-300`.
+
+  Returns:
+    A one-line reason naming the error, or None.
+  """
+  # Seen with TF 2.21: a missing file is NotFoundError; a bad checksum or an index
+  # that is not an sstable, an OpError; a data file shorter than its index says,
+  # IndexError (OUT_OF_RANGE from the reader).
+  try:
+    reader = tf.train.load_checkpoint(path)
+    for name in reader.get_variable_to_shape_map():
+      reader.get_tensor(name)
+  except IndexError as e:
+    return f'a data file is truncated: IndexError: {_first_line(e)}'
+  except (tf.errors.OpError, ValueError, OSError, RuntimeError) as e:
+    return f'{type(e).__name__}: {_first_line(e)}'
+  return None
+
+
+def _candidates(manager):
+  """The managed checkpoint prefixes, newest first (latest_checkpoint leads)."""
+  ordered = [manager.latest_checkpoint] + list(reversed(manager.checkpoints))
+  return list(dict.fromkeys(p for p in ordered if p))
+
+
+def _set_aside(manager, bad, good, log):
+  """Renames the files of the `bad` prefixes to `<file>.corrupt-<time>` and drops them
+  from the manager's bookkeeping and from the `checkpoint` state file, which then
+  names `good` as the latest."""
+  stamp = time.strftime('%Y%m%d-%H%M%S')
+  for path in bad:
+    files = (tf.io.gfile.glob(path + '.index') +
+             tf.io.gfile.glob(path + '.data-?????-of-?????'))
+    for name in files:
+      try:
+        tf.io.gfile.rename(name, f'{name}.corrupt-{stamp}')
+      except tf.errors.OpError as e:
+        log(f'WARNING: could not move {name} aside ({_first_line(e)}); delete it by '
+            f'hand.')
+    if files:
+      log(f'WARNING: moved the files of {path} to {os.path.basename(path)}.*.corrupt-'
+          f'{stamp}; nothing was deleted. Delete them once inspected.')
+  # CheckpointManager has no public API to forget a checkpoint. Without this, the bad
+  # prefixes would stay in its list (and in the state file), count against
+  # max_to_keep, and a later save's sweep would delete the good checkpoint first.
+  kept = getattr(manager, '_maybe_delete', None)
+  if kept is None or not hasattr(manager, '_record_state'):
+    log(f'WARNING: this TensorFlow version\'s CheckpointManager has no _maybe_delete; '
+        f'{manager.directory}/checkpoint still lists {", ".join(bad)}.')
+    return
+  for path in bad:
+    kept.pop(path, None)
+  manager._latest_checkpoint = good  # pylint: disable=protected-access
+  if kept:
+    manager._record_state()  # pylint: disable=protected-access  (an atomic rewrite)
+
+
+def restore_latest(manager, *, model_dir, log=print):
+  """Restores the newest readable checkpoint, if there is one; returns its path or None.
+
+  A checkpoint whose files are missing, truncated or corrupt is skipped with a
+  warning naming it and the reason, and the previous one is tried, newest first.
+  Once one restores, the skipped ones are moved aside (see the module docstring), so
+  saving again, even under the same number, neither reuses nor trips over them.
+
+  Files are checked before anything is restored (`unreadable_reason`), so variables
+  are only ever assigned from a checkpoint whose every tensor read back intact.
+
+  Args:
+    manager: from `make_manager`.
+    model_dir: the run's --model_dir, for messages.
+    log: where warnings go.
+
+  Returns:
+    The restored checkpoint prefix, or None when the manager has no checkpoint.
 
   Raises:
-    CheckpointError: the checkpoint belongs to a different model (names or shapes).
+    CheckpointError: the first readable checkpoint belongs to a different model (names
+      or shapes); or checkpoints exist and none of them is readable. Nothing in the
+      model dir is changed in either case.
   """
-  path = manager.latest_checkpoint
-  if path is None:
+  candidates = _candidates(manager)
+  bad = []
+  for i, path in enumerate(candidates):
+    reason = unreadable_reason(path)
+    if reason:
+      then = ('trying the previous one' if i + 1 < len(candidates)
+              else 'no older checkpoint is left to try')
+      log(f'WARNING: checkpoint {path} is unreadable ({reason}); {then}.')
+      bad.append((path, reason))
+      continue
+    try:
+      status = manager.checkpoint.restore(path)
+      status.assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as e:
+      raise errors.CheckpointError(
+          f'--model_dir={model_dir} holds checkpoint {path} of an incompatible model '
+          f'({_first_line(e)}). Use the flags it was trained with (see '
+          f'{os.path.join(model_dir, CONFIG_FILE)}) or a new --model_dir.') from e
+    if bad:
+      log(f'WARNING: restored {path} instead of the unreadable {bad[0][0]}; the steps '
+          f'after it will be trained again.')
+      _set_aside(manager, [p for p, _ in bad], path, log)
+    return path
+  if not bad:
     return None
-  try:
-    status = manager.checkpoint.restore(path)
-    status.assert_existing_objects_matched()
-  except (ValueError, AssertionError, tf.errors.OpError) as e:
-    first_line = str(e).strip().splitlines()[0][:300]
-    raise errors.CheckpointError(
-        f'--model_dir={model_dir} holds checkpoint {path} of an incompatible model '
-        f'({first_line}). Use the flags it was trained with (see '
-        f'{os.path.join(model_dir, CONFIG_FILE)}) or a new --model_dir.') from e
-  return path
+  listing = '; '.join(f'{p} ({reason})' for p, reason in bad)
+  raise errors.CheckpointError(
+      f'--model_dir={model_dir} holds {len(bad)} checkpoint(s) and none is readable: '
+      f'{listing}. Restore {manager.directory} from a backup; or, to start over from '
+      f'step 0 with the same flags, move it aside (mv {manager.directory} '
+      f'{manager.directory}.bad); or use a new --model_dir.')

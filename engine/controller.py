@@ -66,7 +66,8 @@ def build(config, strategy, *, data=None, record_config=True):
   task = module.prepare_data(config.model_options, data, data_config=config.data,
                              seed=config.train.seed)
   with strategy.scope(), precision.policy_scope(config.train.precision):
-    model = module.build(config.model_options, task_data=task, seed=config.train.seed)
+    model = module.build(config.model_options, task_data=task, seed=config.train.seed,
+                         global_batch_size=config.train.batch_size)
   with strategy.scope():
     optimizer = precision.make_optimizer(config.train.precision, config.train.learning_rate)
     optimizer.build(model.trainable_variables)
@@ -82,8 +83,25 @@ def build(config, strategy, *, data=None, record_config=True):
 
 
 def evaluate(exp, *, final=True, **kwargs):
-  """The model's test figures (its module's `evaluate` hook)."""
+  """The model's test figures (its module's `evaluate` hook).
+
+  A model may return figures as images under the key 'images' ({name: uint8 RGB});
+  use `pop_images` before writing the metrics as JSON.
+  """
   return exp.module.evaluate(exp, final=final, **kwargs)
+
+
+def pop_images(exp, metrics, writers, step):
+  """Writes the metrics' images as PNG files in model_dir and as TensorBoard images."""
+  images = metrics.pop('images', {})
+  paths = []
+  for name, image in images.items():
+    if writers is not None:
+      writers.image('eval', name, image, step)
+    path = os.path.join(exp.config.train.model_dir, f'{name}.png')
+    summaries.write_png(path, image)
+    paths.append(path)
+  return paths
 
 
 def write_summaries(exp, writers, step):
@@ -222,6 +240,7 @@ def train(config, strategy, *, log=print, data=None):
       _save_if_finite(exp, current)
     if current % t.eval_every == 0 and current < t.train_steps:
       ev = evaluate(exp, final=False)
+      pop_images(exp, ev, writers, current)
       writers.scalars('eval', _scalars(ev), current)
       write_summaries(exp, writers, current)
       log(f'eval @ {current}: {exp.module.summary_line(ev)}')
@@ -230,6 +249,7 @@ def train(config, strategy, *, log=print, data=None):
 
   log(f'Final evaluation on {exp.task.test_images.shape[0]} test examples...')
   metrics = evaluate(exp, final=True)
+  image_paths = pop_images(exp, metrics, writers, current)
   metrics.update({'step': current, 'dataset': exp.task.name, 'model': config.model})
   if timed_steps:
     metrics['train_examples_per_sec'] = timed_steps * t.batch_size / timed_seconds
@@ -238,6 +258,8 @@ def train(config, strategy, *, log=print, data=None):
   writers.flush()
   write_metrics(t.model_dir, metrics)
   log(exp.module.summary_line(metrics))
+  if image_paths:
+    log('Figures: ' + ', '.join(image_paths))
   log(f'Outputs in {t.model_dir}: checkpoints/, {METRICS_FILE}, TensorBoard events. '
       f'View with: tensorboard --logdir {t.model_dir}')
   return metrics

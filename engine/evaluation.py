@@ -43,15 +43,23 @@ def mean_figures(exp, term_fn, keys, *, images, targets=None):
   return out
 
 
-def predictions(exp, predict_fn, *, images, targets=None, jit_compile=None):
-  """Per-example outputs of `predict_fn(batch, noise)` over a test set, as numpy.
+class Predictor:
+  """Per-example outputs of `predict_fn(batch, noise)` over test sets, as numpy.
 
-  Outputs must have the batch as their first axis; they come back in test-set order.
+  One compiled function reused for every test set passed to it (test set, OOD
+  sets, rotated copies). Outputs must have the batch as their first axis; they come
+  back in test-set order.
   """
-  t = exp.config.train
-  replica_predict = step_lib.make_replica_predict(predict_fn, seed=t.seed)
-  predict_loop = loop_lib.PredictLoop(
-      replica_predict, strategy=exp.strategy,
-      jit_compile=t.jit_compile if jit_compile is None else jit_compile)
-  return predict_loop(inputs.make_eval_dataset(
-      exp.strategy, images, batch_size=t.eval_batch_size, targets=targets))
+
+  def __init__(self, exp, predict_fn, *, jit_compile=None):
+    t = exp.config.train
+    self._exp = exp
+    replica_predict = step_lib.make_replica_predict(predict_fn, seed=t.seed)
+    self._loop = loop_lib.PredictLoop(
+        replica_predict, strategy=exp.strategy,
+        jit_compile=t.jit_compile if jit_compile is None else jit_compile)
+
+  def __call__(self, images, targets=None):
+    t = self._exp.config.train
+    return self._loop(inputs.make_eval_dataset(
+        self._exp.strategy, images, batch_size=t.eval_batch_size, targets=targets))

@@ -105,9 +105,12 @@ class PredictLoop:
 
   def __init__(self, replica_predict, *, strategy, jit_compile=False):
     self._strategy = strategy
-    self._replica_predict = (tf.function(replica_predict, jit_compile=True) if jit_compile
+    # reduce_retracing: partial last batches and several test sets of other sizes
+    # share one trace with a dynamic batch dimension.
+    self._replica_predict = (tf.function(replica_predict, jit_compile=True,
+                                         reduce_retracing=True) if jit_compile
                              else replica_predict)
-    self._fn = tf.function(self._run)
+    self._fn = tf.function(self._run, reduce_retracing=True)
 
   def _run(self, batch, index):
     out = self._strategy.run(self._replica_predict, args=(batch, index))

@@ -8,6 +8,8 @@ Everything here is per example unless a name says otherwise; reduction over the
 global batch happens in exactly one place, `replica_loss`.
 """
 
+import math
+
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -107,6 +109,41 @@ def kl_warmup_weight(step, warmup_steps):
     return tf.constant(1.0)
   step = tf.cast(step, tf.float32)
   return tf.minimum(1.0, step / float(warmup_steps))
+
+
+KL_SCHEDULES = ('uniform', 'blundell')
+
+
+def kl_per_example_weight(step, *, num_examples, global_batch_size, schedule='uniform'):
+  """The weight of a BNN's weight-KL in one minibatch's *per-example* loss.
+
+  The variational free energy of the whole training set is
+      F = sum_n E_q[-log p(y_n | x_n, W)] + KL(q(W) || p(W)).
+  Per example, the minibatch loss is mean_b NLL_b + w_i * KL with w_i chosen so that
+  summing (per-example loss x batch size) over the M minibatches of one epoch gives F,
+  i.e. B * sum_i w_i = 1 when N = M * B:
+  - 'uniform': w_i = 1 / N (the usual "divide the KL by the number of examples");
+  - 'blundell': w_i = pi_i * M / N with pi_i = 2^(M-i) / (2^M - 1), i = 1..M the
+    minibatch's index within its epoch (Blundell et al. 2015, eq. 9): early
+    minibatches carry most of the KL, later ones almost none. Computed as
+    2^-i / (1 - 2^-M), which does not overflow.
+  This is the only place the BNN's KL is scaled.
+
+  Args:
+    step: the global step (int64 Tensor or int).
+    num_examples: N, the training-set size.
+    global_batch_size: B.
+    schedule: 'uniform' or 'blundell'.
+  """
+  n = float(num_examples)
+  if schedule == 'uniform':
+    return tf.constant(1.0 / n)
+  if schedule != 'blundell':
+    raise ValueError(f'schedule={schedule!r}; choose one of {KL_SCHEDULES}')
+  m = max(num_examples // global_batch_size, 1)
+  i = tf.cast(tf.math.floormod(tf.cast(step, tf.int64), m) + 1, tf.float32)
+  log2_pi = -i - tf.math.log1p(-tf.pow(2.0, -float(m))) / math.log(2.0)
+  return tf.pow(2.0, log2_pi) * (m / n)
 
 
 def global_batch_mean(per_example, global_batch_size):

@@ -3,16 +3,18 @@
 Each module provides:
 - `Config`: a frozen dataclass of the model's options (field names = flag names);
 - `prepare_data(config, dataset, *, data_config, seed)` -> `engine.inputs.TaskData`;
-- `build(config, *, task_data, seed)` -> a tf.Module with `train_terms(batch, *,
+- `build(config, *, task_data, seed, global_batch_size)` -> a tf.Module with `train_terms(batch, *,
   noise, step)` and `measurement_keys` (see `engine.step.make_replica_step`);
 - `evaluate(exp, *, final)` -> metrics dict, `summary_line(metrics)` -> str, and
   `write_summaries(exp, writers, step)` (TensorBoard images / histograms).
 """
 from engine import errors
+from models import bnn
 from models import vae
 
 MODELS = {
     'vae': vae,
+    'bnn': bnn,
 }
 
 

@@ -381,8 +381,9 @@ def prepare_data(config: VAEConfig, dataset, *, data_config, seed):
 
 
 def build(config: VAEConfig, *, task_data=None, image_shape=None, pixel_mean=None,
-          seed=0):
+          seed=0, global_batch_size=None):
   """Factory used by the model registry (from TaskData, or explicit shape/mean)."""
+  del global_batch_size  # the VAE's loss does not depend on it
   if task_data is not None:
     image_shape = task_data.image_shape
     pixel_mean = task_data.train_images.astype(np.float32).mean(axis=0) / 255.0

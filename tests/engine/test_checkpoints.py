@@ -1,6 +1,8 @@
 """Tests of engine/checkpoints.py through controller.build: incompatible model dirs,
 unreadable records and mismatched checkpoints are CheckpointErrors, never raw
-stack traces, and a refused run leaves the model dir as it was."""
+stack traces, and a refused run leaves the model dir as it was. A corrupt or
+partial newest checkpoint falls back to the previous one."""
+import glob
 import json
 import os
 
@@ -164,3 +166,180 @@ def test_record_is_json_of_the_config(tmp_path):
   checkpoints.check_and_record_config(str(tmp_path), config_lib.to_dict(config))
   assert _recorded(tmp_path) == config_lib.to_dict(config)
   assert os.listdir(tmp_path) == [checkpoints.CONFIG_FILE]
+
+
+# Corrupt or partial checkpoints: fall back to the previous one, never a half restore.
+
+
+def _vars():
+  return (tf.Variable(tf.fill([64], -1.0)), tf.Variable(tf.fill([3, 3], -1.0)),
+          tf.Variable(-1, dtype=tf.int64))
+
+
+def _manager(model_dir, *, max_to_keep=3, variables=None):
+  """A CheckpointManager in model_dir over fresh variables (as after a restart)."""
+  v, w, step = variables or _vars()
+  manager = checkpoints.make_manager(str(model_dir), max_to_keep=max_to_keep, v=v, w=w,
+                                     step=step)
+  return manager, (v, w, step)
+
+
+def _fill(variables, value):
+  v, w, step = variables
+  v.assign(tf.fill(v.shape, float(value)))
+  w.assign(tf.fill(w.shape, float(value)))
+  step.assign(value)
+
+
+def _assert_holds(variables, value):
+  v, w, step = variables
+  np.testing.assert_array_equal(v.numpy(), value)
+  np.testing.assert_array_equal(w.numpy(), value)
+  assert int(step.numpy()) == value
+
+
+def _save_steps(model_dir, steps=(100, 200, 300), max_to_keep=3):
+  manager, variables = _manager(model_dir, max_to_keep=max_to_keep)
+  for s in steps:
+    _fill(variables, s)
+    manager.save(checkpoint_number=s)
+  return manager.directory
+
+
+def _prefix(model_dir, step):
+  return os.path.join(model_dir, 'checkpoints', f'ckpt-{step}')
+
+
+def _corrupt(prefix, how):
+  [data] = glob.glob(prefix + '.data-*')
+  if how == 'truncate_data':
+    os.truncate(data, os.path.getsize(data) // 2)
+  elif how == 'delete_data':
+    os.remove(data)
+  elif how == 'delete_index':
+    os.remove(prefix + '.index')
+  elif how == 'truncate_index':
+    os.truncate(prefix + '.index', os.path.getsize(prefix + '.index') // 2)
+  elif how == 'flip_byte':  # same size; only the CRC32C check catches it
+    with open(data, 'r+b') as f:
+      f.seek(40)
+      byte = f.read(1)
+      f.seek(40)
+      f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _corrupt_files(directory):
+  return sorted(os.path.basename(f) for f in glob.glob(os.path.join(directory, '*.corrupt-*')))
+
+
+@pytest.mark.parametrize('how', ['truncate_data', 'delete_index', 'delete_data',
+                                 'truncate_index', 'flip_byte'])
+def test_corrupt_newest_falls_back(tmp_path, how):
+  """A truncated, missing or bit-flipped newest checkpoint is skipped with a warning
+  naming it; every variable then holds the previous checkpoint's values, even after
+  a raw restore attempt from the bad files; the bad files are moved aside and out
+  of the state file."""
+  directory = _save_steps(tmp_path)
+  _corrupt(_prefix(tmp_path, 300), how)
+  manager, variables = _manager(tmp_path)
+  with pytest.raises(Exception):  # a raw restore fails, whatever it assigned
+    manager.checkpoint.restore(_prefix(tmp_path, 300)).assert_existing_objects_matched()
+  logged = []
+  path = checkpoints.restore_latest(manager, model_dir=str(tmp_path), log=logged.append)
+  assert path == _prefix(tmp_path, 200)
+  _assert_holds(variables, 200)
+  assert 'WARNING' in logged[0] and _prefix(tmp_path, 300) in logged[0]
+  assert 'unreadable (' in logged[0]
+  assert manager.latest_checkpoint == path
+  assert manager.checkpoints == [_prefix(tmp_path, 100), path]
+  assert tf.train.latest_checkpoint(directory) == path  # the state file, rewritten
+  assert _corrupt_files(directory)  # moved aside, not deleted
+  assert not os.path.exists(_prefix(tmp_path, 300) + '.index')
+  assert not glob.glob(_prefix(tmp_path, 300) + '.data-?????-of-?????')
+
+
+def test_falls_back_past_several(tmp_path):
+  """Two bad checkpoints in a row are both skipped."""
+  _save_steps(tmp_path)
+  _corrupt(_prefix(tmp_path, 300), 'truncate_data')
+  _corrupt(_prefix(tmp_path, 200), 'delete_index')
+  manager, variables = _manager(tmp_path)
+  logged = []
+  assert checkpoints.restore_latest(manager, model_dir=str(tmp_path),
+                                    log=logged.append) == _prefix(tmp_path, 100)
+  _assert_holds(variables, 100)
+  assert manager.checkpoints == [_prefix(tmp_path, 100)]
+
+
+def test_all_corrupt_is_checkpoint_error(tmp_path):
+  """No readable checkpoint: a CheckpointError listing each with its reason and the
+  fix; no variable is assigned and no file is moved."""
+  directory = _save_steps(tmp_path)
+  for step, how in ((100, 'flip_byte'), (200, 'delete_index'), (300, 'truncate_data')):
+    _corrupt(_prefix(tmp_path, step), how)
+  before = sorted(os.listdir(directory))
+  manager, variables = _manager(tmp_path)
+  with pytest.raises(errors.CheckpointError) as info:
+    checkpoints.restore_latest(manager, model_dir=str(tmp_path), log=lambda _: None)
+  message = str(info.value)
+  for step in (100, 200, 300):
+    assert _prefix(tmp_path, step) + ' (' in message
+  assert 'none is readable' in message and 'Checksum does not match' in message
+  assert 'backup' in message and '--model_dir' in message
+  _assert_holds(variables, -1)
+  assert sorted(os.listdir(directory)) == before
+
+
+def test_incompatible_model_is_not_a_fallback(tmp_path):
+  """Readable files of a different model are the incompatible-model CheckpointError
+  about the newest checkpoint, not a silent fallback; nothing is moved."""
+  directory = _save_steps(tmp_path)
+  before = sorted(os.listdir(directory))
+  wrong = (tf.Variable(tf.zeros([64])), tf.Variable(tf.zeros([4, 4])),
+           tf.Variable(0, dtype=tf.int64))
+  manager, _ = _manager(tmp_path, variables=wrong)
+  logged = []
+  with pytest.raises(errors.CheckpointError, match='incompatible model') as info:
+    checkpoints.restore_latest(manager, model_dir=str(tmp_path), log=logged.append)
+  assert _prefix(tmp_path, 300) in str(info.value)
+  assert not logged
+  assert sorted(os.listdir(directory)) == before
+
+
+@pytest.mark.parametrize('number', [300, 250])
+def test_save_after_fallback(tmp_path, number):
+  """After falling back from ckpt-300 to ckpt-200 (max_to_keep=2), saving ckpt-300
+  again, or ckpt-250, works, keeps ckpt-200 (the bad one no longer counts against
+  max_to_keep) and is what the next run restores; the bad files are still kept."""
+  directory = _save_steps(tmp_path, max_to_keep=2)
+  _corrupt(_prefix(tmp_path, 300), 'truncate_data')
+  manager, variables = _manager(tmp_path, max_to_keep=2)
+  checkpoints.restore_latest(manager, model_dir=str(tmp_path), log=lambda _: None)
+  _fill(variables, number)
+  assert manager.save(checkpoint_number=number) == _prefix(tmp_path, number)
+  assert os.path.exists(_prefix(tmp_path, 200) + '.index')
+  assert len(_corrupt_files(directory)) == 2
+  again, restored = _manager(tmp_path, max_to_keep=2)
+  assert again.checkpoints == [_prefix(tmp_path, 200), _prefix(tmp_path, number)]
+  logged = []
+  assert checkpoints.restore_latest(again, model_dir=str(tmp_path),
+                                    log=logged.append) == _prefix(tmp_path, number)
+  _assert_holds(restored, number)
+  assert not logged
+
+
+def test_build_falls_back_to_previous_checkpoint(tmp_path, capsys):
+  """Through controller.build: a truncated newest checkpoint is skipped with a
+  printed warning and the previous step and weights are restored."""
+  exp = _saved_dir(tmp_path, step=7)
+  kernel = exp.model.decoder.get_layer('decoder_out').kernel
+  exp.step.assign(9)
+  kernel.assign(tf.fill(kernel.shape, 0.5))
+  exp.manager.save(checkpoint_number=9)
+  _corrupt(_prefix(tmp_path, 9), 'truncate_data')
+  exp = _build(_config(tmp_path))
+  assert int(exp.step.numpy()) == 7
+  np.testing.assert_array_equal(exp.model.decoder.get_layer('decoder_out').kernel.numpy(),
+                                0.25)
+  out = capsys.readouterr().out
+  assert 'WARNING' in out and 'ckpt-9' in out

@@ -25,7 +25,7 @@ def test_vae_factory_builds_a_model_with_the_engine_interface():
     assert hasattr(model, attr), attr
 
 
-@pytest.mark.parametrize('name', ['vea', 'VAE', '', 'bnnn'])
+@pytest.mark.parametrize('name', ['vea', 'VAE', '', 'bnnn', 'BNN'])
 def test_unknown_model_raises_config_error_listing_known_names(name):
   """An unknown name raises ConfigError naming the flag, the bad value and 'vae'."""
   with pytest.raises(errors.ConfigError) as info:
