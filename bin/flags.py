@@ -23,11 +23,15 @@ def define_flags():
   if 'model' in FLAGS:
     return
   # Run.
-  flags.DEFINE_string('model', 'vae', 'Model name: vae.')
+  flags.DEFINE_string('model', 'vae', 'Model name: vae | bnn.')
   flags.DEFINE_string('model_dir', '/tmp/elbo_engine/vae',
                       'Directory for checkpoints, TensorBoard events, config.json and '
                       'metrics.json. Rerunning with the same dir resumes.')
-  flags.DEFINE_string('strategy', 'default', 'default | one_device | mirrored.')
+  flags.DEFINE_string('strategy', 'default',
+                      'default | one_device | mirrored | multi_worker (TF_CONFIG, or Slurm '
+                      'under srun; see README "Cluster jobs").')
+  flags.DEFINE_integer('port', None, 'multi_worker under Slurm: base port of the workers '
+                       '(default: 20000 + job id mod 9936).')
   flags.DEFINE_integer('num_cpu_devices', 0,
                        'With --strategy=mirrored and no GPU: logical CPU devices (>= 2).')
   # Data.
@@ -42,7 +46,9 @@ def define_flags():
   flags.DEFINE_integer('synthetic_train_size', 2048, 'Examples in --dataset=synthetic (> 0).')
   flags.DEFINE_integer('synthetic_test_size', 512, 'Test examples in synthetic (> 0).')
   # Model.
-  flags.DEFINE_string('architecture', 'mlp', 'mlp | conv.')
+  flags.DEFINE_string('architecture', 'mlp',
+                      'mlp | conv (--model=vae), or mlp | lenet (--model=bnn; lenet is '
+                      'LeNet-5: conv 6@5x5, pool, conv 16@5x5, pool, dense 120, 84).')
   _ints('encoder_sizes', ['512', '256'], 'Encoder hidden sizes, positive ints.')
   _ints('decoder_sizes', ['256', '512'], 'Decoder hidden sizes, positive ints.')
   _ints('conv_filters', ['32', '64'], 'Two conv filter counts (--architecture=conv).')
@@ -53,7 +59,11 @@ def define_flags():
   flags.DEFINE_string('objective', 'elbo', 'elbo | iwae.')
   flags.DEFINE_integer('num_iw_samples', 1, 'Samples per example for --objective=iwae (> 0).')
   flags.DEFINE_string('kl', 'analytic', 'Rate estimator: analytic | monte_carlo | regularizer.')
-  flags.DEFINE_integer('kl_warmup_steps', 0, 'Linear KL warm-up steps (>= 0; ELBO only).')
+  flags.DEFINE_integer('kl_warmup_steps', 0,
+                       'Linear KL warm-up steps (>= 0): the VAE rate (ELBO only) or the '
+                       "BNN's weight KL ramps from 0 to full weight over these steps.")
+  # BNN model flags (--model=bnn): see define_bnn_flags below.
+  define_bnn_flags()
   # Training.
   flags.DEFINE_integer('train_steps', 20000, 'Total optimizer steps (> 0).')
   flags.DEFINE_integer('batch_size', 128, 'Global batch size (> 0; divisible by replicas).')
@@ -80,6 +90,54 @@ def define_flags():
   flags.DEFINE_boolean('deterministic', False,
                        'Op determinism: with the step-indexed randomness a killed and '
                        'resumed run ends bit-identical to an uninterrupted one (CPU).')
+
+
+def define_bnn_flags():
+  """Flags of models/bnn.py's BNNConfig (same names as its fields).
+
+  `architecture` and `kl_warmup_steps` are shared with the VAE and defined in
+  `define_flags`. Defaults equal BNNConfig's (checked by tests/bin/test_bnn_binaries.py);
+  they are literals here because bin/ must not import TensorFlow before flag parsing.
+  Values are validated by BNNConfig, so a bad one ends as `error: --name=...`.
+  """
+  import math  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string('task', 'classification',
+                      'BNN task: classification | rotation_regression (predict the '
+                      'rotation angle in degrees of a rotated image).')
+  _ints('hidden_sizes', ['400', '400'],
+        'BNN MLP hidden layer sizes, one or more positive ints (--architecture=mlp).')
+  flags.DEFINE_string('bnn_layer', 'flipout',
+                      'BNN layer: reparameterization | flipout | local_reparameterization '
+                      '(variational), or the baselines deterministic | mc_dropout.')
+  flags.DEFINE_string('prior', 'normal',
+                      'BNN weight prior: normal (N(0, prior_sigma^2)) | scale_mixture '
+                      '(pi N(0, sigma1^2) + (1 - pi) N(0, sigma2^2); needs '
+                      '--bnn_layer=reparameterization or flipout).')
+  flags.DEFINE_float('prior_sigma', 1.0, 'Std of the normal prior (> 0, finite).')
+  flags.DEFINE_float('sigma1', 1.0, 'Std of the scale mixture\'s first component (> 0).')
+  flags.DEFINE_float('sigma2', math.exp(-6.0),
+                     'Std of the scale mixture\'s second component (> 0; default e^-6).')
+  flags.DEFINE_float('pi', 0.5, 'Weight of the scale mixture\'s first component, in (0, 1).')
+  flags.DEFINE_boolean('learn_prior', False,
+                       "Learn the prior's scales with the posterior (empirical Bayes).")
+  flags.DEFINE_float('posterior_rho_init', -5.0,
+                     'Initial rho of every BNN weight (finite); the posterior std starts '
+                     'at softplus(rho) (-5: 0.0067).')
+  flags.DEFINE_string('kl_schedule', 'uniform',
+                      'Per-example weight of the BNN KL: uniform (KL / N) | blundell '
+                      '(pi_i * M / N, Blundell et al. 2015).')
+  flags.DEFINE_integer('num_mc_samples', 10,
+                       'BNN weight samples per test example for predictions (> 0).')
+  _ints('train_classes', [],
+        'Classes to train the BNN on, >= 2 distinct ids, leaving at least one out '
+        '(the rest form an OOD set); empty: all. --task=classification only.')
+  flags.DEFINE_float('max_angle', 45.0,
+                     'Rotation range in degrees for --task=rotation_regression, in (0, 180].')
+  flags.DEFINE_float('dropout_rate', 0.1,
+                     'Dropout rate of --bnn_layer=mc_dropout, in [0, 1).')
+  flags.DEFINE_string('ood_data_dir', '',
+                      'Directory of an IDX data set of the same image shape whose test '
+                      'images are an extra BNN OOD set (empty: none).')
 
 
 def _list(name, kind):
@@ -149,7 +207,8 @@ def strategy():
     tf.config.experimental.enable_op_determinism()
   if FLAGS.num_cpu_devices < 0:
     raise errors.ConfigError(f'--num_cpu_devices={FLAGS.num_cpu_devices}: must be >= 0.')
-  return distribute.make_strategy(FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices)
+  return distribute.make_strategy(FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices,
+                                  port=FLAGS.port)
 
 
 def run_main(main):

@@ -40,7 +40,8 @@ from engine import errors
 
 CONFIG_FILE = 'config.json'
 # Fields that, if changed, make an existing checkpoint meaningless for this run.
-_INCOMPATIBLE = ('model', 'model_options', 'data.dataset', 'train.batch_size', 'train.seed')
+_INCOMPATIBLE = ('model', 'model_options', 'data.dataset', 'train.batch_size', 'train.seed',
+                 'train.precision')
 
 
 def _get(d, dotted):
@@ -133,10 +134,28 @@ def unreadable_reason(path):
   return None
 
 
-def _candidates(manager):
-  """The managed checkpoint prefixes, newest first (latest_checkpoint leads)."""
+def _candidates(manager, log=print):
+  """The managed checkpoint prefixes, newest first (latest_checkpoint leads).
+
+  When the `checkpoint` state file is missing or unreadable (TF then lists no
+  checkpoint) but checkpoint files are on disk, they are the candidates, highest
+  step first: a lost state file must not silently restart training from step 0.
+  """
   ordered = [manager.latest_checkpoint] + list(reversed(manager.checkpoints))
-  return list(dict.fromkeys(p for p in ordered if p))
+  found = list(dict.fromkeys(p for p in ordered if p))
+  if found:
+    return found
+  on_disk = []
+  for index in tf.io.gfile.glob(os.path.join(manager.directory, 'ckpt-*.index')):
+    prefix = index[:-len('.index')]
+    number = prefix.rsplit('-', 1)[-1]
+    if number.isdigit():
+      on_disk.append((int(number), prefix))
+  if on_disk:
+    log(f'WARNING: {os.path.join(manager.directory, "checkpoint")} is missing or '
+        f'unreadable, but {len(on_disk)} checkpoint(s) are on disk; trying them, '
+        f'newest first.')
+  return [prefix for _, prefix in sorted(on_disk, reverse=True)]
 
 
 def _set_aside(manager, bad, good, log):
@@ -171,7 +190,7 @@ def _set_aside(manager, bad, good, log):
     manager._record_state()  # pylint: disable=protected-access  (an atomic rewrite)
 
 
-def restore_latest(manager, *, model_dir, log=print):
+def restore_latest(manager, *, model_dir, log=print, repair=True):
   """Restores the newest readable checkpoint, if there is one; returns its path or None.
 
   A checkpoint whose files are missing, truncated or corrupt is skipped with a
@@ -186,6 +205,8 @@ def restore_latest(manager, *, model_dir, log=print):
     manager: from `make_manager`.
     model_dir: the run's --model_dir, for messages.
     log: where warnings go.
+    repair: move unreadable checkpoints aside (only the chief of a multi-worker
+      job may change the shared model dir; other workers just skip them).
 
   Returns:
     The restored checkpoint prefix, or None when the manager has no checkpoint.
@@ -195,7 +216,7 @@ def restore_latest(manager, *, model_dir, log=print):
       or shapes); or checkpoints exist and none of them is readable. Nothing in the
       model dir is changed in either case.
   """
-  candidates = _candidates(manager)
+  candidates = _candidates(manager, log)
   bad = []
   for i, path in enumerate(candidates):
     reason = unreadable_reason(path)
@@ -216,7 +237,8 @@ def restore_latest(manager, *, model_dir, log=print):
     if bad:
       log(f'WARNING: restored {path} instead of the unreadable {bad[0][0]}; the steps '
           f'after it will be trained again.')
-      _set_aside(manager, [p for p, _ in bad], path, log)
+      if repair:
+        _set_aside(manager, [p for p, _ in bad], path, log)
     return path
   if not bad:
     return None

@@ -15,10 +15,12 @@ import models
 from engine import checkpoints
 from engine import config as config_lib
 from engine import datasets
+from engine import distribute
 from engine import errors
 from engine import inputs
 from engine import loop as loop_lib
 from engine import precision
+from engine import preemption
 from engine import step as step_lib
 from engine import summaries
 
@@ -36,7 +38,9 @@ class Experiment:
   model: tf.Module
   optimizer: tf_keras.optimizers.Optimizer
   step: tf.Variable
-  manager: tf.train.CheckpointManager
+  manager: tf.train.CheckpointManager  # saves to model_dir (chief) or a worker dir
+  is_chief: bool = True
+  worker_dir: str = ''  # a non-chief worker's temporary save dir, removed at the end
 
   @property
   def test_images(self):
@@ -72,14 +76,24 @@ def build(config, strategy, *, data=None, record_config=True):
     optimizer = precision.make_optimizer(config.train.precision, config.train.learning_rate)
     optimizer.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name='global_step')
+  chief = distribute.is_chief(strategy)
+  trackables = dict(model=model, optimizer=optimizer, step=step)
   manager = checkpoints.make_manager(model_dir, max_to_keep=config.train.keep_checkpoints,
-                                     model=model, optimizer=optimizer, step=step)
-  checkpoints.restore_latest(manager, model_dir=model_dir)
+                                     **trackables)
+  # Every worker restores from the shared model dir; only the chief may repair it.
+  checkpoints.restore_latest(manager, model_dir=model_dir, repair=chief)
+  worker_dir = ''
+  if not chief:
+    # Saving is a collective under MultiWorkerMirroredStrategy: every worker saves,
+    # the others into a temporary dir that `train` removes.
+    worker_dir = distribute.worker_dir(model_dir, strategy)
+    manager = checkpoints.make_manager(worker_dir, max_to_keep=1, **trackables)
   # The learning rate is a checkpointed optimizer variable; the flag wins on resume.
   precision.inner_optimizer(optimizer).learning_rate = config.train.learning_rate
-  if record_config:
+  if record_config and chief:
     checkpoints.check_and_record_config(model_dir, config_dict)
-  return Experiment(config, strategy, data, task, module, model, optimizer, step, manager)
+  return Experiment(config, strategy, data, task, module, model, optimizer, step, manager,
+                    is_chief=chief, worker_dir=worker_dir)
 
 
 def evaluate(exp, *, final=True, **kwargs):
@@ -95,6 +109,8 @@ def pop_images(exp, metrics, writers, step):
   """Writes the metrics' images as PNG files in model_dir and as TensorBoard images."""
   images = metrics.pop('images', {})
   paths = []
+  if not exp.is_chief:
+    return paths
   for name, image in images.items():
     if writers is not None:
       writers.image('eval', name, image, step)
@@ -143,8 +159,10 @@ def _fmt_eta(seconds):
   return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
-def make_train_loop(exp):
+def make_train_loop(exp, *, stop_requested=None):
   """Wires the input, the replica step and the compiled loop for an Experiment.
+
+  stop_requested: optional bool variable read before every step (preemption).
 
   Returns:
     (TrainLoop, iterator), the iterator positioned at the experiment's current step
@@ -162,31 +180,60 @@ def make_train_loop(exp):
   keys = ('loss', 'grad_norm') + tuple(exp.model.measurement_keys)
   if precision.needs_loss_scaling(t.precision):
     keys += ('skipped', 'loss_scale')
-  train_loop = loop_lib.TrainLoop(replica_step, train_input, strategy=strategy,
-                                  step_counter=exp.step, measurement_keys=keys,
-                                  jit_compile=t.jit_compile)
+  train_loop = loop_lib.TrainLoop(
+      replica_step, train_input, strategy=strategy, step_counter=exp.step,
+      measurement_keys=keys, jit_compile=t.jit_compile, stop_requested=stop_requested,
+      agree_on_stop=distribute.is_multi_worker(strategy))
   return train_loop, train_input.iterator(int(exp.step.numpy()))
 
 
-def train(config, strategy, *, log=print, data=None):
+def train(config, strategy, *, log=print, data=None, handle_signals=True):
   """Trains to `config.train.train_steps` (resuming from model_dir) and evaluates.
+
+  SIGTERM (what schedulers send before preempting a job) stops training at the next
+  step boundary; a checkpoint is saved there and `preemption.Preempted` is raised
+  (exit code `preemption.EXIT_PREEMPTED`); rerunning the same command resumes.
+  Under MultiWorkerMirroredStrategy only the chief writes logs, summaries, figures
+  and metrics.json; every worker saves (a collective), the others into a temporary
+  dir removed at the end.
+
+  Args:
+    handle_signals: install the SIGTERM watcher (main thread only).
 
   Returns:
     The final metrics dict (also written to model_dir/metrics.json).
 
   Raises:
     NonFiniteLossError: naming the step; the last checkpoint is left intact.
+    preemption.Preempted: after saving, on SIGTERM.
   """
-  t = config.train
   exp = build(config, strategy, data=data)
+  if not exp.is_chief:
+    log = lambda *args, **kwargs: None
+  watcher = preemption.PreemptionWatcher(log=log) if handle_signals else None
+  try:
+    if watcher is not None:
+      watcher.start()
+    return _train(exp, log=log, watcher=watcher)
+  finally:
+    if watcher is not None:
+      watcher.stop()
+    if exp.worker_dir:
+      distribute.cleanup_worker_dir(exp.worker_dir, strategy)
+
+
+def _train(exp, *, log, watcher):
+  config, strategy = exp.config, exp.strategy
+  t = config.train
   step = exp.step
   start = int(step.numpy())
   if start:
     log(f'Resuming from {exp.manager.latest_checkpoint} at step {start}.')
   if start >= t.train_steps:
     log(f'Already at step {start} >= --train_steps={t.train_steps}; evaluating only.')
-  train_loop, iterator = make_train_loop(exp)
-  writers = summaries.Writers(t.model_dir)
+  train_loop, iterator = make_train_loop(
+      exp, stop_requested=None if watcher is None else watcher.stop_requested)
+  writers = summaries.Writers(t.model_dir, enabled=exp.is_chief)
   writers.text('config', config_lib.to_dict(config), step=start)
   log(f'Training {config.model} on {exp.task.name} ({exp.task.num_train} examples, '
       f'{exp.task.source}): steps {start} -> {t.train_steps}, global batch {t.batch_size} '
@@ -215,6 +262,15 @@ def train(config, strategy, *, log=print, data=None):
           f'stopped and nothing from this step was saved. The last good checkpoint is '
           f'{last}. Fix: lower --learning_rate, set --clip_grad_norm, or check the data.')
     new = int(step.numpy())
+    if watcher is not None and watcher.requested and int(done) < n:
+      if new != current + int(done):
+        raise RuntimeError(f'step counter moved from {current} to {new}, expected '
+                           f'+{int(done)}')
+      path = _save_if_finite(exp, new)
+      writers.flush()
+      log(f'Preempted ({watcher.reason}): saved {path} at step {new}; exiting with code '
+          f'{preemption.EXIT_PREEMPTED}. Rerun the same command to resume.')
+      raise preemption.Preempted(new, path)
     if new != current + n or int(done) != n:
       raise RuntimeError(f'step counter moved from {current} to {new}, expected +{n}')
     current = new
@@ -256,7 +312,8 @@ def train(config, strategy, *, log=print, data=None):
   writers.scalars('eval', _scalars(metrics), current)
   write_summaries(exp, writers, current)
   writers.flush()
-  write_metrics(t.model_dir, metrics)
+  if exp.is_chief:
+    write_metrics(t.model_dir, metrics)
   log(exp.module.summary_line(metrics))
   if image_paths:
     log('Figures: ' + ', '.join(image_paths))

@@ -3,7 +3,7 @@
 Multi-worker training ('multi_worker') runs one process per worker; every process
 builds the same strategy at program start, before TensorFlow runs any op. The
 cluster comes from `TF_CONFIG` when it is set, else from Slurm when the process
-runs inside an `srun` step. See docs/multi_worker.md.
+runs inside an `srun` step. See bin/CLUSTER.md.
 """
 import json
 import os
@@ -330,6 +330,15 @@ def _cluster(strategy):
   if not cluster:
     return None
   return resolver.task_type, int(resolver.task_id), cluster
+
+
+def is_multi_worker(strategy):
+  """True for a strategy spanning several worker processes."""
+  info = _cluster(strategy)
+  if info is None:
+    return False
+  _, _, cluster = info
+  return sum(len(v) for v in cluster.values()) > 1
 
 
 def is_chief(strategy):

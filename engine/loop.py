@@ -7,6 +7,8 @@ step. `num_steps` must be a Tensor: a Python int would retrace for every value.
 import numpy as np
 import tensorflow as tf
 
+from engine import preemption
+
 
 # Measurements taken on the last step of each call only (see engine.step).
 SAMPLED_MEASUREMENTS = ('grad_norm',)
@@ -26,11 +28,19 @@ class TrainLoop:
     measurement_keys: names returned by replica_step.
     jit_compile: compile each replica's step with XLA. (Compiling the whole loop
       instead was far slower on CPU in a quick probe with this TF version.)
+    stop_requested: optional bool variable (`engine.preemption.PreemptionWatcher`),
+      read before every step: when set, the call returns early at that step
+      boundary (`done` < num_steps). Read outside XLA, so a flip by the watcher
+      thread is seen while the call runs.
+    agree_on_stop: several workers: the flag is all-reduced each step so every
+      worker stops at the same step (one scalar collective per step).
   """
 
   def __init__(self, replica_step, train_input, *, strategy, step_counter,
-               measurement_keys, jit_compile):
+               measurement_keys, jit_compile, stop_requested=None, agree_on_stop=False):
     self._strategy = strategy
+    self._stop = stop_requested
+    self._agree = agree_on_stop
     self._counter = step_counter
     self._keys = tuple(measurement_keys)
     self._input = train_input
@@ -51,6 +61,9 @@ class TrainLoop:
     bad_step = tf.constant(-1, tf.int64)
     done = tf.constant(0, tf.int64)
     for i in tf.range(num_steps):
+      if self._stop is not None:
+        if self._should_stop():
+          break
       step = self._counter.read_value()
       args = self._input.next_args(iterator, step)
       measure = tf.equal(i, num_steps - 1)
@@ -67,6 +80,12 @@ class TrainLoop:
     means = {k: v / tf.cast(tf.maximum(done, 1), tf.float32) for k, v in sums.items()}
     means.update({k: last[k] for k in SAMPLED_MEASUREMENTS if k in self._keys})
     return means, done, bad_step
+
+
+  def _should_stop(self):
+    if not self._agree:
+      return self._stop.read_value()
+    return preemption.agreed_stop(self._strategy, self._stop)
 
 
 class EvalLoop:

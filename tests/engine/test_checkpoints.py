@@ -343,3 +343,28 @@ def test_build_falls_back_to_previous_checkpoint(tmp_path, capsys):
                                 0.25)
   out = capsys.readouterr().out
   assert 'WARNING' in out and 'ckpt-9' in out
+
+
+def test_a_lost_state_file_does_not_restart_from_step_zero(tmp_path, default_strategy):
+  """With the `checkpoint` state file deleted (or garbled), the checkpoints on disk are
+  still found, the newest restored, with a warning; training does not restart at 0."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from engine import checkpoints as ckpt_lib  # pylint: disable=import-outside-toplevel
+  v = tf.Variable(0.0)
+  manager = ckpt_lib.make_manager(str(tmp_path), max_to_keep=3, v=v)
+  for number in (10, 20):
+    v.assign(float(number))
+    manager.save(checkpoint_number=number)
+  state = tmp_path / 'checkpoints' / 'checkpoint'
+  for damage in ('delete', 'garble'):
+    if damage == 'delete':
+      state.unlink()
+    else:
+      state.write_text('this is not a checkpoint state proto {{{')
+    v.assign(-1.0)
+    messages = []
+    fresh = ckpt_lib.make_manager(str(tmp_path), max_to_keep=3, v=v)
+    path = ckpt_lib.restore_latest(fresh, model_dir=str(tmp_path), log=messages.append)
+    assert path.endswith('ckpt-20'), damage
+    assert float(v.numpy()) == 20.0
+    assert any('missing or unreadable' in m for m in messages), messages
