@@ -9,7 +9,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 MODEL_DIR ?= runs/vae
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup data train test bench clean-venv
+.PHONY: setup data train test bench bench-bnn bench-bnn-quality bench-scaling clean-venv
 
 setup: $(STAMP) data
 
@@ -43,6 +43,18 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/throughput.py
+
+# BNN layer throughput vs the deterministic network (a few minutes).
+bench-bnn: setup
+	$(PY) benchmarks/bnn_throughput.py $(ARGS)
+
+# BNN quality at a wall-clock budget per config (default 60 min x 7 configs).
+bench-bnn-quality: setup
+	$(PY) benchmarks/bnn_quality.py $(ARGS)
+
+# Replicas x precision, VAE and BNN (about 10 minutes).
+bench-scaling: setup
+	$(PY) benchmarks/scaling.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

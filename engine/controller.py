@@ -159,6 +159,12 @@ def _fmt_eta(seconds):
   return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
+def jit_compile(exp):
+  """--jit_compile, unless the strategy cannot run per-replica XLA (several logical
+  CPU devices in one process; see distribute.supports_per_replica_jit)."""
+  return exp.config.train.jit_compile and distribute.supports_per_replica_jit(exp.strategy)
+
+
 def make_train_loop(exp, *, stop_requested=None):
   """Wires the input, the replica step and the compiled loop for an Experiment.
 
@@ -182,7 +188,7 @@ def make_train_loop(exp, *, stop_requested=None):
     keys += ('skipped', 'loss_scale')
   train_loop = loop_lib.TrainLoop(
       replica_step, train_input, strategy=strategy, step_counter=exp.step,
-      measurement_keys=keys, jit_compile=t.jit_compile, stop_requested=stop_requested,
+      measurement_keys=keys, jit_compile=jit_compile(exp), stop_requested=stop_requested,
       agree_on_stop=distribute.is_multi_worker(strategy))
   return train_loop, train_input.iterator(int(exp.step.numpy()))
 
@@ -238,7 +244,10 @@ def _train(exp, *, log, watcher):
   log(f'Training {config.model} on {exp.task.name} ({exp.task.num_train} examples, '
       f'{exp.task.source}): steps {start} -> {t.train_steps}, global batch {t.batch_size} '
       f'on {strategy.num_replicas_in_sync} replica(s), {t.steps_per_loop} steps per call, '
-      f'XLA {"on" if t.jit_compile else "off"}; model dir {t.model_dir}')
+      f'XLA {"on" if jit_compile(exp) else "off"}; model dir {t.model_dir}')
+  if t.jit_compile and not jit_compile(exp):
+    log('Note: XLA is off: per-replica XLA does not work with several logical CPU '
+        'devices in one process (it does on GPUs).')
 
   current = start
   timed_steps, timed_seconds = 0, 0.0

@@ -82,15 +82,35 @@ def make_strategy(name='default', *, num_cpu_devices=0, port=None):
     return tf.distribute.get_strategy()
   if name == 'multi_worker':
     return _make_multi_worker(num_cpu_devices=num_cpu_devices, port=port)
-  gpus = tf.config.list_logical_devices('GPU')
+  # Physical, not logical: listing logical devices starts the runtime, after which
+  # the CPU can no longer be split into logical devices.
+  gpus = tf.config.list_physical_devices('GPU')
   if name == 'one_device':
-    return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else '/cpu:0')
+    return tf.distribute.OneDeviceStrategy('/gpu:0' if gpus else '/cpu:0')
   if gpus:
     return tf.distribute.MirroredStrategy()
   if num_cpu_devices > 1:
     set_logical_cpu_devices(num_cpu_devices)
   devices = [d.name for d in tf.config.list_logical_devices('CPU')]
   return tf.distribute.MirroredStrategy(devices)
+
+
+def supports_per_replica_jit(strategy):
+  """Whether each replica's step may be compiled with XLA under this strategy.
+
+  Not with several logical CPU devices in one process: XLA then places every
+  replica's compiled step on CPU:0 and fails reading CPU:1's variables ("Trying to
+  access resource ... located in device CPU:1 from device CPU:0", TF 2.21). GPUs and
+  one device per process (default, one_device, multi-worker CPU) are fine.
+  """
+  if strategy.num_replicas_in_sync == 1:
+    return True
+  try:
+    devices = strategy.extended.worker_devices
+  except RuntimeError:  # the default strategy has no device list
+    return True
+  local_cpus = [d for d in devices if 'CPU' in d.upper()]
+  return len(local_cpus) <= 1
 
 
 def check_global_batch(strategy, global_batch_size):

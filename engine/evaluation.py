@@ -9,6 +9,7 @@ Two shapes of evaluation:
 """
 import math
 
+from engine import distribute
 from engine import inputs
 from engine import loop as loop_lib
 from engine import step as step_lib
@@ -29,8 +30,9 @@ def mean_figures(exp, term_fn, keys, *, images, targets=None):
   t = exp.config.train
   replica_eval = step_lib.make_replica_eval(term_fn, seed=t.seed)
   sum_keys = ('count',) + tuple(k for name in keys for k in (name, name + '_sq'))
-  eval_loop = loop_lib.EvalLoop(replica_eval, strategy=exp.strategy, keys=sum_keys,
-                                jit_compile=t.jit_compile)
+  eval_loop = loop_lib.EvalLoop(
+      replica_eval, strategy=exp.strategy, keys=sum_keys,
+      jit_compile=t.jit_compile and distribute.supports_per_replica_jit(exp.strategy))
   totals = {k: float(v) for k, v in eval_loop(inputs.make_eval_dataset(
       exp.strategy, images, batch_size=t.eval_batch_size, targets=targets)).items()}
   n = totals['count']
@@ -57,7 +59,8 @@ class Predictor:
     replica_predict = step_lib.make_replica_predict(predict_fn, seed=t.seed)
     self._loop = loop_lib.PredictLoop(
         replica_predict, strategy=exp.strategy,
-        jit_compile=t.jit_compile if jit_compile is None else jit_compile)
+        jit_compile=(t.jit_compile and distribute.supports_per_replica_jit(exp.strategy))
+        if jit_compile is None else jit_compile)
 
   def __call__(self, images, targets=None):
     t = self._exp.config.train

@@ -211,3 +211,17 @@ def test_truncated_idx_file(failures):
   assert 'train-images-idx3-ubyte' in own
   assert 'truncated' in own
   assert 'Traceback' not in stderr
+
+
+def test_train_mirrored_over_two_logical_cpus(tmp_path):
+  """`--strategy=mirrored --num_cpu_devices=2` with the default --jit_compile trains on 2
+  replicas (per-replica XLA is switched off there, with a note) and writes metrics."""
+  model_dir = str(tmp_path / 'mirrored')
+  flags = [f for f in COMMON if not f.startswith('--jit_compile')]
+  code, stdout, stderr = _run('bin.train', f'--model_dir={model_dir}', '--train_steps=10',
+                              '--eval_iw_samples=0', '--strategy=mirrored',
+                              '--num_cpu_devices=2', *flags)
+  assert code == 0, _own_stderr(stderr)[-2000:]
+  assert 'on 2 replica(s)' in stdout
+  assert 'XLA is off' in stdout
+  assert os.path.exists(os.path.join(model_dir, 'metrics.json'))

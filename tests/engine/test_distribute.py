@@ -329,3 +329,23 @@ def test_two_workers_train_identically_and_only_the_chief_keeps_files(tmp_path):
   assert not os.path.exists(other['dir'])
   assert os.path.basename(other['dir']).startswith('worker1-')
   assert (model_dir / 'checkpoint').is_file()
+
+
+def test_mirrored_over_logical_cpus_works_in_a_fresh_process(tmp_path):
+  """make_strategy('mirrored', num_cpu_devices=2) as the first TF call of a process
+  splits the CPU (listing devices must not start the runtime first), and per-replica
+  XLA is reported unsupported there but supported on the default strategy."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  script = tmp_path / 'mirrored.py'
+  script.write_text(
+      'from engine import distribute\n'
+      's = distribute.make_strategy("mirrored", num_cpu_devices=2)\n'
+      'print("RESULT", s.num_replicas_in_sync, distribute.supports_per_replica_jit(s),\n'
+      '      distribute.supports_per_replica_jit(distribute.make_strategy("default")))\n')
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True,
+                       text=True, timeout=120,
+                       env={**os.environ, 'PYTHONPATH': root, 'TF_CPP_MIN_LOG_LEVEL': '2'})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'RESULT 2 False True' in out.stdout
