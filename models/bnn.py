@@ -237,7 +237,8 @@ class BNN(tf.Module):
     """(outputs [B, num_outputs] float32, KL(q || p) float32 scalar) for one pass.
 
     noise: an `engine.sampling.Noise` (one sample of the weights / dropout masks), or
-      None for the posterior-mean (deterministic) network.
+      None for the posterior-mean (deterministic) network, for prediction only: the
+      KL returned is then 0 (not computed), so never train with noise=None.
     """
     cfg = self.config
     kls = []

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from engine import config as config_lib
 from engine import controller
+from models import bnn
 from models import vae
 
 BATCH = 16
@@ -27,6 +28,20 @@ CASES = {
                                              latent_dim=4, kl='regularizer')),
     'iwae': ('vae', vae.VAEConfig(encoder_sizes=(32,), decoder_sizes=(32,), latent_dim=4,
                                   objective='iwae', num_iw_samples=3)),
+    # BNNs: one weight sample shared by both replicas (Noise's shared draws), per-example
+    # Flipout signs, pre-activation noise and dropout masks drawn for the global batch
+    # and sliced, the KL counted once (replica_loss divides it by the replicas).
+    'bnn_reparameterization': ('bnn', bnn.BNNConfig(hidden_sizes=(16,),
+                                                    bnn_layer='reparameterization')),
+    'bnn_flipout': ('bnn', bnn.BNNConfig(hidden_sizes=(16,), bnn_layer='flipout')),
+    'bnn_local_reparameterization': ('bnn', bnn.BNNConfig(
+        hidden_sizes=(16,), bnn_layer='local_reparameterization')),
+    'bnn_scale_mixture_blundell': ('bnn', bnn.BNNConfig(
+        hidden_sizes=(16,), bnn_layer='reparameterization', prior='scale_mixture',
+        learn_prior=True, kl_schedule='blundell')),
+    'bnn_lenet_flipout': ('bnn', bnn.BNNConfig(architecture='lenet', bnn_layer='flipout')),
+    'bnn_mc_dropout': ('bnn', bnn.BNNConfig(hidden_sizes=(16,), bnn_layer='mc_dropout',
+                                            dropout_rate=0.3)),
 }
 
 
