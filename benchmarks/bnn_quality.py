@@ -85,6 +85,7 @@ CONFIGS = {
     'reparam_lenet': dict(_FLIPOUT, bnn_layer='reparameterization'),
     'lr_lenet': dict(_FLIPOUT, bnn_layer='local_reparameterization'),
     'flipout_mlp': dict(_FLIPOUT, architecture='mlp'),
+    'flipout_learnprior': dict(_FLIPOUT, learn_prior=True),
 }
 DEFAULT_CONFIGS = ['det', 'mcdrop', 'flipout', 'flipout_warmup', 'flipout_prior0.1',
                    'flipout_rho-7', 'lr_lenet']

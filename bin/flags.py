@@ -83,6 +83,8 @@ def define_flags():
   flags.DEFINE_integer('periodic_eval_iw_samples', 0,
                        'Importance samples during periodic evaluations (0: ELBO only).')
   flags.DEFINE_integer('iw_chunk_size', 100, 'Importance samples drawn at a time (> 0).')
+  flags.DEFINE_integer('num_summary_images', 64,
+                       'Images in the TensorBoard reconstruction/sample grids (> 0).')
   flags.DEFINE_list('profile_steps', [], 'FIRST,LAST step range to profile (empty: off).')
   flags.DEFINE_enum('precision', 'float32', ['float32', 'mixed_bfloat16', 'mixed_float16'],
                     'Layer compute dtype; variables, distributions and the loss stay '
@@ -193,7 +195,8 @@ def experiment_config():
       jit_compile=FLAGS.jit_compile, seed=FLAGS.seed, eval_batch_size=FLAGS.eval_batch_size,
       eval_iw_samples=FLAGS.eval_iw_samples,
       periodic_eval_iw_samples=FLAGS.periodic_eval_iw_samples,
-      iw_chunk_size=FLAGS.iw_chunk_size, profile_steps=tuple(profile) if profile else None,
+      iw_chunk_size=FLAGS.iw_chunk_size, num_summary_images=FLAGS.num_summary_images,
+      profile_steps=tuple(profile) if profile else None,
       precision=FLAGS.precision, deterministic=FLAGS.deterministic)
   return config_lib.ExperimentConfig(model=FLAGS.model, model_options=options, data=data,
                                      train=train)

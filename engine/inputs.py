@@ -13,6 +13,7 @@ Two pipelines give identical batches:
 - `TfDataTrainInput`: a tf.data pipeline per input worker through
   `distribute_datasets_from_function`, for data sets too large for device memory.
 """
+import contextlib
 import dataclasses
 from typing import Optional
 
@@ -125,7 +126,12 @@ class InMemoryTrainInput(_OrderedInput):
 
   def __init__(self, images, **kwargs):
     super().__init__(images, **kwargs)
-    with self.strategy.scope():
+    # Under MultiWorkerMirroredStrategy a variable made in scope is broadcast from the
+    # chief, and the collective broadcast has no uint8 kernel; every worker reads the
+    # same files anyway, so each keeps its own copy outside the scope there.
+    scope = (contextlib.nullcontext() if distribute.is_multi_worker(self.strategy)
+             else self.strategy.scope())
+    with scope:
       # Not tracked by any checkpoint: data, not state.
       self._images = tf.Variable(images, trainable=False, name='train_images')
       self._targets = (None if self.targets is None else
