@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from engine import distribute
 from engine import errors
+from engine import sampling
 
 _TEST_BINARIZATION_SEED = 20261124  # fixed: test figures are comparable across runs
 
@@ -29,14 +30,14 @@ _TEST_BINARIZATION_SEED = 20261124  # fixed: test figures are comparable across 
 def epoch_permutation(seed, epoch, num_examples):
   """A seeded permutation of range(num_examples) for one epoch (int32)."""
   key = tf.random.experimental.stateless_fold_in(
-      tf.constant([seed, 0x5EED], tf.int32), tf.cast(epoch, tf.int32))
+      tf.constant([seed, 0x5EED], tf.int32), tf.cast(epoch, tf.int32), alg='philox')
   return tf.argsort(tf.random.stateless_uniform([num_examples], seed=key), stable=True)
 
 
 def step_seed(seed, step, salt):
   """Stateless int32[2] seed for (run seed, step, purpose)."""
   key = tf.random.experimental.stateless_fold_in(tf.constant([seed, salt], tf.int32),
-                                                 tf.cast(step, tf.int32))
+                                                 tf.cast(step, tf.int32), alg='philox')
   return key
 
 
@@ -46,8 +47,8 @@ def to_unit_interval(images):
 
 
 def binarization_noise(seed, step, global_batch_size, image_shape):
-  return tf.random.stateless_uniform([global_batch_size, *image_shape],
-                                     seed=step_seed(seed, step, 0xB1))
+  return sampling.uniform([global_batch_size, *image_shape],
+                          seed=step_seed(seed, step, 0xB1))
 
 
 def binarize_test_set(images_uint8):

@@ -95,7 +95,7 @@ def iw_log_likelihood(approx_posterior, latent_prior, likelihood_fn, x, *,
   num_chunks = num_samples // chunk_size
   log_weights = tf.TensorArray(approx_posterior.dtype, size=num_chunks)
   for i in tf.range(num_chunks):
-    chunk_seed = tf.random.experimental.stateless_fold_in(seed, i)
+    chunk_seed = tf.random.experimental.stateless_fold_in(seed, i, alg='philox')
     z = approx_posterior.sample(chunk_size, seed=chunk_seed)
     log_weights = log_weights.write(
         i, log_importance_weights(approx_posterior, latent_prior, likelihood_fn, x, z))

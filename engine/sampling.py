@@ -13,7 +13,42 @@ The price is that each replica draws G rows of per-example noise to keep B = G /
 of them; for the noise sizes used here (latents, activations, sign vectors) that is
 small next to the network's matmuls.
 """
+import math
+
 import tensorflow as tf
+
+# Every draw names Philox and converts the raw bits to floats itself:
+# - 'auto_select' (TF's default) compiles under XLA on CPU to a generator ~50x slower
+#   than XLA's Philox (measured on 474k normals: 160 ms vs 3.7 ms);
+# - XLA and TF's own kernels draw the same Philox bits but turn them into floats
+#   differently, so tf.random.stateless_uniform/normal give different values with
+#   and without XLA. Converting the bits here makes the noise the same either way
+#   (normals up to erfinv's rounding), so an XLA step and a plain one, or the
+#   in-memory (compiled) and tf.data pipelines, see the same noise.
+RNG_ALG = 'philox'
+_SQRT2 = math.sqrt(2.0)
+
+
+def uniform_bits(shape, seed):
+  """Philox uint32 bits of `shape` for an int32 [2] seed."""
+  return tf.random.stateless_uniform(shape, seed=seed, minval=None, maxval=None,
+                                     dtype=tf.uint32, alg=RNG_ALG)
+
+
+def uniform(shape, seed):
+  """float32 uniform on (0, 1): the grid (m + 1/2) 2^-23 of the top 23 bits m (exact)."""
+  m = tf.cast(tf.bitwise.right_shift(uniform_bits(shape, seed), 9), tf.float32)
+  return (m + 0.5) * 2.0 ** -23
+
+
+def standard_normal(shape, seed):
+  """float32 standard normal by the inverse CDF, sqrt(2) erfinv(2u - 1).
+
+  Faster than XLA's Box-Muller on CPU (1.8 vs 3.7 ms for 474k); |eps| <= 5.3 (the
+  normal's mass beyond that is 1e-7).
+  """
+  m = tf.cast(tf.bitwise.right_shift(uniform_bits(shape, seed), 9), tf.float32)
+  return _SQRT2 * tf.math.erfinv((m + 0.5) * 2.0 ** -22 - 1.0)
 
 
 class Noise:
@@ -37,7 +72,7 @@ class Noise:
 
   def fold(self, salt):
     """An independent stream for another purpose (salt: int)."""
-    return Noise(tf.random.experimental.stateless_fold_in(self.seed, salt),
+    return Noise(tf.random.experimental.stateless_fold_in(self.seed, salt, alg='philox'),
                  self.replica_id, self.num_replicas)
 
   def split(self, n):
@@ -46,10 +81,10 @@ class Noise:
 
   # Shared: identical on every replica.
   def shared_normal(self, shape, dtype=tf.float32):
-    return tf.random.stateless_normal(shape, seed=self.seed, dtype=dtype)
+    return tf.cast(standard_normal(shape, self.seed), dtype)
 
   def shared_uniform(self, shape, dtype=tf.float32):
-    return tf.random.stateless_uniform(shape, seed=self.seed, dtype=dtype)
+    return tf.cast(uniform(shape, self.seed), dtype)
 
   # Per example: rows of the global batch; `batch_axis` of `shape` is the local batch.
   def _global(self, draw, shape, batch_axis):
@@ -67,17 +102,15 @@ class Noise:
 
   def normal(self, shape, *, batch_axis=0, dtype=tf.float32):
     """Standard normal noise of `shape`, whose `batch_axis` is the local batch."""
-    return self._global(lambda s: tf.random.stateless_normal(s, seed=self.seed, dtype=dtype),
+    return self._global(lambda s: tf.cast(standard_normal(s, self.seed), dtype),
                         shape, batch_axis)
 
   def uniform(self, shape, *, batch_axis=0, dtype=tf.float32):
-    return self._global(lambda s: tf.random.stateless_uniform(s, seed=self.seed, dtype=dtype),
-                        shape, batch_axis)
+    return self._global(lambda s: tf.cast(uniform(s, self.seed), dtype), shape, batch_axis)
 
   def rademacher(self, shape, *, batch_axis=0, dtype=tf.float32):
     """+-1 with equal probability (Flipout sign vectors)."""
     def draw(s):
-      bits = tf.random.stateless_uniform(s, seed=self.seed, minval=0, maxval=2,
-                                         dtype=tf.int32)
-      return tf.cast(2 * bits - 1, dtype)
+      bit = tf.cast(tf.bitwise.right_shift(uniform_bits(s, self.seed), 31), tf.int32)
+      return tf.cast(2 * bit - 1, dtype)
     return self._global(draw, shape, batch_axis)

@@ -92,7 +92,7 @@ def make_replica_eval(term_fn, *, seed):
   def replica_eval(batch, batch_index):
     ctx = tf.distribute.get_replica_context()
     key = tf.random.experimental.stateless_fold_in(
-        inputs.step_seed(seed, batch_index, 0xE7), ctx.replica_id_in_sync_group)
+        inputs.step_seed(seed, batch_index, 0xE7), ctx.replica_id_in_sync_group, alg='philox')
     terms = term_fn(batch, sampling.Noise(key))
     out = {'count': tf.cast(tf.shape(batch['image'])[0], tf.float32)}
     for k, v in terms.items():
@@ -114,7 +114,7 @@ def make_replica_predict(predict_fn, *, seed):
   def replica_predict(batch, batch_index):
     ctx = tf.distribute.get_replica_context()
     key = tf.random.experimental.stateless_fold_in(
-        inputs.step_seed(seed, batch_index, 0xE8), ctx.replica_id_in_sync_group)
+        inputs.step_seed(seed, batch_index, 0xE8), ctx.replica_id_in_sync_group, alg='philox')
     return predict_fn(batch, sampling.Noise(key))
 
   return replica_predict
