@@ -393,3 +393,32 @@ def test_baselines_train_and_predict(layer, tmp_path, default_strategy):
   else:
     assert probs.shape == (8, 5, 10)
     assert _mean_mi(np.transpose(probs, (1, 0, 2))) > 1e-4
+
+
+def test_ood_data_dir_is_an_out_of_distribution_set(tmp_path, default_strategy):
+  """--ood_data_dir (any IDX set of the same image shape) adds OOD AUROC/AUPR figures
+  named after the directory; a set of another image shape is refused naming the flag."""
+  from engine import idx  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  ood_dir = tmp_path / 'other_set'
+  ood_dir.mkdir()
+  files = {'train-images-idx3-ubyte': rng.integers(0, 256, (8, 28, 28), dtype=np.uint8),
+           'train-labels-idx1-ubyte': np.zeros(8, np.uint8),
+           't10k-images-idx3-ubyte': rng.integers(0, 256, (12, 28, 28), dtype=np.uint8),
+           't10k-labels-idx1-ubyte': np.zeros(12, np.uint8)}
+  for name, array in files.items():
+    idx.write_idx(str(ood_dir / name), array)
+  options = _options(hidden_sizes=(16,), num_mc_samples=2, ood_data_dir=str(ood_dir))
+  config = _experiment_config(tmp_path / 'run', options, steps=10, train_size=128,
+                              test_size=32, eval_batch_size=32)
+  metrics = controller.train(config, default_strategy, log=lambda *a: None)
+  for score in ('predictive_entropy', 'mutual_information'):
+    for stat in ('auroc', 'aupr'):
+      assert 0.0 <= metrics[f'ood/other_set_{score}_{stat}'] <= 1.0
+  small = tmp_path / 'small_set'
+  small.mkdir()
+  for name, array in files.items():
+    idx.write_idx(str(small / name), array[:, :14, :14] if array.ndim == 3 else array)
+  data = datasets.load_dataset('synthetic', seed=0, num_train=64, num_test=16)
+  with pytest.raises(errors.DataError, match='--ood_data_dir='):
+    bnn.prepare_data(_options(ood_data_dir=str(small)), data, data_config=None, seed=0)
