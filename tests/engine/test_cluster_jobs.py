@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -30,6 +29,7 @@ import pytest
 import tensorflow as tf
 
 from engine import preemption
+from tests import ports
 
 # Every test here starts TensorFlow processes and takes 20 s or more.
 pytestmark = pytest.mark.slow
@@ -348,20 +348,11 @@ _DRIVER = textwrap.dedent('''\
     ''')
 
 
-def _free_ports(n):
-  sockets = [socket.socket() for _ in range(n)]
-  for s in sockets:
-    s.bind(('127.0.0.1', 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
 
 def _run_workers(script, model_dir, steps, pipeline, tmp_path):
   """Runs the driver as workers 0 and 1, each with its own TMPDIR; kills both on a
   timeout (MWMS swallows SIGTERM). Returns [(returncode, stdout, stderr)]."""
-  workers = [f'127.0.0.1:{p}' for p in _free_ports(2)]
+  workers = [f'127.0.0.1:{p}' for p in ports.free_ports(2)]
   procs = []
   try:
     for index in range(2):

@@ -5,7 +5,6 @@ owns the process, so it is only built in fresh subprocesses (test_two_workers...
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import tensorflow as tf
 
 from engine import distribute
 from engine import errors
+from tests import ports
 
 ROOT = Path(__file__).resolve().parents[2]
 _SLURM_VARS = ('SLURM_PROCID', 'SLURM_STEP_NUM_TASKS', 'SLURM_STEP_NODELIST',
@@ -268,18 +268,9 @@ _WORKER_SCRIPT = textwrap.dedent('''\
     ''')
 
 
-def _free_ports(n):
-  sockets = [socket.socket() for _ in range(n)]
-  for s in sockets:
-    s.bind(('127.0.0.1', 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
 
 def _run_two_workers(script, model_dir, tmp_path, timeout=120):
-  workers = [f'127.0.0.1:{p}' for p in _free_ports(2)]
+  workers = [f'127.0.0.1:{p}' for p in ports.free_ports(2)]
   procs = []
   for index in range(2):
     tmp = tmp_path / f'tmp{index}'
