@@ -18,8 +18,8 @@ import math
 import tensorflow as tf
 
 # Every draw names Philox and converts the raw bits to floats itself:
-# - 'auto_select' (TF's default) compiles under XLA on CPU to a generator ~50x slower
-#   than XLA's Philox (measured on 474k normals: 160 ms vs 3.7 ms);
+# - 'auto_select' (TF's default) compiled under XLA on CPU to a far slower generator
+#   than XLA's Philox in an uncommitted probe;
 # - XLA and TF's own kernels draw the same Philox bits but turn them into floats
 #   differently, so tf.random.stateless_uniform/normal give different values with
 #   and without XLA. Converting the bits here makes the noise the same either way
@@ -44,7 +44,7 @@ def uniform(shape, seed):
 def standard_normal(shape, seed):
   """float32 standard normal by the inverse CDF, sqrt(2) erfinv(2u - 1).
 
-  Faster than XLA's Box-Muller on CPU (1.8 vs 3.7 ms for 474k); |eps| <= 5.3 (the
+  Cheaper than XLA's Box-Muller on CPU in an uncommitted probe; |eps| <= 5.3 (the
   normal's mass beyond that is 1e-7).
   """
   m = tf.cast(tf.bitwise.right_shift(uniform_bits(shape, seed), 9), tf.float32)
