@@ -1,7 +1,10 @@
-"""Test quality of BNN configurations trained for a fixed wall-clock budget each.
+"""Test quality of BNN configurations trained for a fixed budget each.
 
 Each configuration (a named set of `BNNConfig` overrides, below) is trained by the
-engine for `--minutes` of wall-clock time: `controller.build` +
+engine for `--minutes` of wall-clock time, or for a fixed `--steps` (which a
+`--lr_schedule=cosine` run needs, and which makes the figures independent of other
+load on the machine; report the idle-machine minutes the steps correspond to):
+`controller.build` +
 `controller.make_train_loop`, calls of up to `--steps_per_loop` steps until the
 budget is spent (the first call's tracing and XLA compilation count against it;
 the last call is sized from the measured rate so the budget is not overshot by
@@ -113,6 +116,13 @@ flags.DEFINE_integer('synthetic_test_size', 2048, 'Test examples of synthetic da
 flags.DEFINE_integer('num_mc_samples', 10, 'Weight samples per test example.')
 flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
 flags.DEFINE_float('learning_rate', 1e-3, "Adam's learning rate.")
+flags.DEFINE_enum('lr_schedule', 'constant', ['constant', 'cosine'],
+                  'Learning-rate schedule (engine/schedules.py); cosine needs --steps.')
+flags.DEFINE_float('lr_final_fraction', 0.0, 'Last rate of the cosine schedule, as a '
+                   'fraction of --learning_rate.')
+flags.DEFINE_integer('steps', 0, 'Fixed step budget per configuration instead of '
+                     '--minutes (0: use --minutes). Makes the result independent of '
+                     'other load on the machine; only the wall time changes.')
 flags.DEFINE_integer('steps_per_loop', 500, 'Steps per TrainLoop call (at most).')
 flags.DEFINE_float('checkpoint_minutes', 10.0, 'Also checkpoint every this many minutes.')
 flags.DEFINE_float('log_seconds', 60.0, 'Progress line at most this often.')
@@ -132,6 +142,20 @@ def _parse_value(text):
   return tuple(value) if isinstance(value, list) else value
 
 
+def _split_top_level(body):
+  """Splits at commas outside brackets: 'a:1,b:(1,2)' -> ['a:1', 'b:(1,2)']."""
+  parts, depth, current = [], 0, ''
+  for char in body:
+    depth += char in '(['
+    depth -= char in ')]'
+    if char == ',' and depth == 0:
+      parts.append(current)
+      current = ''
+    else:
+      current += char
+  return parts + [current]
+
+
 def parse_defines(defines):
   """{name: overrides} from --define NAME=FIELD:VALUE,FIELD:VALUE."""
   fields = {f.name for f in dataclasses.fields(bnn_lib.BNNConfig)}
@@ -141,7 +165,7 @@ def parse_defines(defines):
     if not sep or not name:
       raise app.UsageError(f'--define={item!r}: expected NAME=FIELD:VALUE,...')
     overrides = dict(_FLIPOUT)
-    for part in filter(None, (p.strip() for p in body.split(','))):
+    for part in filter(None, (p.strip() for p in _split_top_level(body))):
       key, sep, value = part.partition(':')
       if not sep or key not in fields:
         raise app.UsageError(f'--define={item!r}: {part!r} is not FIELD:VALUE with a '
@@ -158,15 +182,16 @@ def make_config(overrides, data, model_dir, train_steps):
   big = 10**9 // spl * spl  # no periodic evaluation: it would eat the budget
   train = config_lib.TrainConfig(
       model_dir=model_dir, train_steps=train_steps, batch_size=FLAGS.batch_size,
-      learning_rate=FLAGS.learning_rate, steps_per_loop=spl, eval_every=big,
+      learning_rate=FLAGS.learning_rate, lr_schedule=FLAGS.lr_schedule,
+      lr_final_fraction=FLAGS.lr_final_fraction, steps_per_loop=spl, eval_every=big,
       checkpoint_every=big, jit_compile=FLAGS.xla, seed=FLAGS.seed)
   return config_lib.ExperimentConfig(model='bnn', model_options=options,
                                      data=common.data_config(data, FLAGS.data_dir),
                                      train=train)
 
 
-def train_for_budget(name, config, strategy, data, seconds):
-  """Trains with the engine's loop until `seconds` pass; checkpoints. Returns stats."""
+def train_for_budget(name, config, strategy, data, seconds, max_steps=None):
+  """Trains until `seconds` pass or `max_steps` are done; checkpoints. Returns stats."""
   tic = time.perf_counter()
   exp = controller.build(config, strategy, data=data)
   loop, iterator = controller.make_train_loop(exp)
@@ -181,7 +206,10 @@ def train_for_budget(name, config, strategy, data, seconds):
     left = seconds - elapsed
     if left <= 0:
       break
-    n = spl if rate is None else min(spl, int(left * rate))
+    if max_steps is not None:
+      n = min(spl, max_steps - int(exp.step.numpy()))
+    else:
+      n = spl if rate is None else min(spl, int(left * rate))
     if n < 1:
       break
     call_tic = time.perf_counter()
@@ -217,12 +245,22 @@ def train_for_budget(name, config, strategy, data, seconds):
               epochs=step * config.train.batch_size / exp.task.num_train)
 
 
+def _budget():
+  return f'{FLAGS.steps} steps' if FLAGS.steps else f'{FLAGS.minutes:g} min'
+
+
 def run_config(name, overrides, strategy, data):
   model_dir = os.path.join(FLAGS.work_dir, FLAGS.task, name)
   shutil.rmtree(model_dir, ignore_errors=True)
-  print(f'\n== {name}: {overrides}; {FLAGS.minutes:g} min -> {model_dir}', flush=True)
-  config = make_config(overrides, data, model_dir, train_steps=1)
-  stats = train_for_budget(name, config, strategy, data, FLAGS.minutes * 60)
+  budget = _budget()
+  print(f'\n== {name}: {overrides}; {budget} -> {model_dir}', flush=True)
+  if FLAGS.steps:
+    config = make_config(overrides, data, model_dir, train_steps=FLAGS.steps)
+    stats = train_for_budget(name, config, strategy, data, float('inf'),
+                             max_steps=FLAGS.steps)
+  else:
+    config = make_config(overrides, data, model_dir, train_steps=1)
+    stats = train_for_budget(name, config, strategy, data, FLAGS.minutes * 60)
   print(f'  trained {stats["steps"]} steps ({stats["epochs"]:.1f} epochs) in '
         f'{stats["train_seconds"] / 60:.2f} min; final evaluation...', flush=True)
   tic = time.perf_counter()
@@ -260,6 +298,23 @@ def classification_rows(results):
   return header, rows
 
 
+def ood_rows(results):
+  """Every OOD set each configuration was scored on (noise, held-out classes, IDX)."""
+  header = ['config', 'OOD set', 'AUROC (entropy)', 'AUPR (entropy)', 'AUROC (MI)',
+            'AUPR (MI)']
+  rows = []
+  for r in results:
+    m = r.get('metrics', {})
+    sets = sorted({k[len('ood/'):-len('_predictive_entropy_auroc')] for k in m
+                   if k.startswith('ood/') and k.endswith('_predictive_entropy_auroc')})
+    for name in sets:
+      rows.append([r['name'], name] + [
+          _f(m.get(f'ood/{name}_{score}_{kind}'), '.3f')
+          for score in ('predictive_entropy', 'mutual_information')
+          for kind in ('auroc', 'aupr')])
+  return header, rows
+
+
 def regression_rows(results):
   header = ['config', 'layer', 'steps', 'epochs', 'RMSE (deg)', 'NLL', 'coverage 50%',
             'coverage 70%', 'coverage 95%', 'noise scale (deg)']
@@ -289,6 +344,13 @@ def main(argv):
   del argv
   if FLAGS.minutes <= 0:
     raise app.UsageError(f'--minutes={FLAGS.minutes}: must be > 0.')
+  if FLAGS.steps < 0:
+    raise app.UsageError(f'--steps={FLAGS.steps}: must be >= 0 (0: use --minutes).')
+  if FLAGS.lr_schedule != 'constant' and not FLAGS.steps:
+    raise app.UsageError(f'--lr_schedule={FLAGS.lr_schedule} needs the step budget in '
+                         'advance: give --steps (e.g. minutes x 60 x steps/sec measured '
+                         'in an earlier run) instead of --minutes.')
+  budget = _budget()
   configs = dict(CONFIGS)
   defined = parse_defines(FLAGS.define)
   configs.update(defined)
@@ -314,10 +376,11 @@ def main(argv):
   if note:
     print(note)
   print(f'data: {common.describe_data(data)}')
-  print(f'task: {FLAGS.task}; configs: {", ".join(names)}; {FLAGS.minutes:g} min each '
-        f'(about {FLAGS.minutes * len(names) / 60:.1f} h of training plus evaluation); '
+  print(f'task: {FLAGS.task}; configs: {", ".join(names)}; {budget} each; '
         f'{FLAGS.num_mc_samples} MC samples; batch {FLAGS.batch_size}, Adam '
-        f'{FLAGS.learning_rate:g}, XLA {"on" if FLAGS.xla else "off"}', flush=True)
+        f'{FLAGS.learning_rate:g} ({FLAGS.lr_schedule}'
+        f'{f" to x{FLAGS.lr_final_fraction:g}" if FLAGS.lr_schedule != "constant" else ""}),'
+        f' XLA {"on" if FLAGS.xla else "off"}', flush=True)
   if FLAGS.task == 'classification':
     print(f'target: a BNN with accuracy >= {100 * TARGET["accuracy"]:.1f}% (the '
           f'deterministic network\'s), NLL <= {TARGET["nll"]}, ECE <= {TARGET["ece"]} '
@@ -327,7 +390,9 @@ def main(argv):
                  versions=common.versions())
   header_info = dict(command=common.command_line(),
                      date=time.strftime('%Y-%m-%dT%H:%M:%S'), machine=machine,
-                     task=FLAGS.task, minutes=FLAGS.minutes, dataset=data.name,
+                     task=FLAGS.task, minutes=FLAGS.minutes, steps=FLAGS.steps,
+                     lr_schedule=FLAGS.lr_schedule,
+                     lr_final_fraction=FLAGS.lr_final_fraction, dataset=data.name,
                      data_note=note, num_mc_samples=FLAGS.num_mc_samples,
                      target=TARGET, reference=REFERENCE)
 
@@ -345,7 +410,7 @@ def main(argv):
   make_rows = classification_rows if FLAGS.task == 'classification' else regression_rows
   header, rows = make_rows(results)
   print()
-  print(f'BNN quality ({FLAGS.task}, {data.name}, {FLAGS.minutes:g} min of training per '
+  print(f'BNN quality ({FLAGS.task}, {data.name}, {budget} of training per '
         f'config, {FLAGS.num_mc_samples} MC samples):')
   if FLAGS.task == 'classification':
     print('OOD AUROC: test set vs uniform-noise images, scored by predictive entropy or '
@@ -353,6 +418,13 @@ def main(argv):
     print(f'target: accuracy >= {100 * TARGET["accuracy"]:.1f}%, NLL <= {TARGET["nll"]}, '
           f'ECE <= {TARGET["ece"]}; reference: {REFERENCE}')
   print(common.format_table(header, rows))
+  if FLAGS.task == 'classification':
+    header, rows = ood_rows(results)
+    if rows:
+      print()
+      print('Out-of-distribution detection, every OOD set (in-distribution test images '
+            'vs the OOD set; AUPR with OOD as the positive class):')
+      print(common.format_table(header, rows))
   print()
   print(f'results JSON: {FLAGS.output}')
   print(f'load average at end: {common.load_average()}')

@@ -1,7 +1,9 @@
-"""Test log-likelihood of VAE configurations trained for a fixed wall-clock budget.
+"""Test log-likelihood of VAE configurations trained for a fixed budget.
 
 Trains each configuration with the engine (`engine.controller.train`) for
-`--minutes` of training (converted to steps from a short measured burn-in), then
+`--minutes` of training (converted to steps from a short measured burn-in) or for a
+fixed `--steps` (independent of other load on the machine), optionally under a
+cosine learning-rate schedule over the whole budget (`--lr_schedule=cosine`), then
 reports the importance-sampled test NLL in nats (k = --eval_iw_samples, full test
 set, fixed test binarization) with its standard error over test examples.
 
@@ -21,6 +23,13 @@ from absl import flags  # noqa: E402
 flags.DEFINE_float('minutes', 5.0, 'Training budget per configuration, in minutes (> 0).')
 flags.DEFINE_list('configs', ['vae', 'iwae50'], 'Configurations to run: '
                   'vae (default MLP ELBO), iwae50 (IWAE k=50), conv (conv VAE).')
+flags.DEFINE_integer('steps', 0, 'Fixed step budget per configuration instead of the '
+                     'one sized from --minutes (0: size from --minutes). The figures then '
+                     'do not depend on other load on the machine.')
+flags.DEFINE_enum('lr_schedule', 'constant', ['constant', 'cosine'],
+                  'Learning-rate schedule (engine/schedules.py), over the whole budget.')
+flags.DEFINE_float('lr_final_fraction', 0.0, 'Last rate of the cosine schedule, as a '
+                   'fraction of the first.')
 flags.DEFINE_string('dataset', 'fashion_mnist', 'Data set name.')
 flags.DEFINE_integer('eval_iw_samples', 1000, 'Importance samples for log p(x) (>= 1000 '
                      'for reported figures).')
@@ -44,8 +53,23 @@ def _config(name, train_steps, model_dir):
       data=config_lib.DataConfig(dataset=FLAGS.dataset),
       train=config_lib.TrainConfig(
           model_dir=model_dir, train_steps=train_steps, steps_per_loop=500,
+          lr_schedule=FLAGS.lr_schedule, lr_final_fraction=FLAGS.lr_final_fraction,
           eval_every=10**9 // 500 * 500, checkpoint_every=10**9 // 500 * 500,
           eval_iw_samples=FLAGS.eval_iw_samples))
+
+
+def _steps_for_budget(name, strategy, data):
+  """A 1,000-step burn-in measures this configuration's speed; the budget in steps."""
+  import shutil
+  from engine import controller
+  probe_dir = os.path.join(FLAGS.work_dir, name + '_probe')
+  shutil.rmtree(probe_dir, ignore_errors=True)
+  probe = _config(name, 1000, probe_dir)
+  probe = dataclasses.replace(
+      probe, train=dataclasses.replace(probe.train, eval_iw_samples=0))
+  m = controller.train(probe, strategy, data=data, log=lambda s: None)
+  steps = int(FLAGS.minutes * 60 * m['train_examples_per_sec'] / 128) // 500 * 500
+  return max(steps, 500)
 
 
 def main(argv):
@@ -53,21 +77,20 @@ def main(argv):
   import shutil
   from engine import controller
   from engine import distribute
+  if FLAGS.steps < 0 or FLAGS.steps % 500:
+    raise app.UsageError(f'--steps={FLAGS.steps}: must be a multiple of 500 (the steps '
+                         'per loop call), or 0 to size the run from --minutes.')
   strategy = distribute.make_strategy('default')
   data = controller.load_data(_config('vae', 1, '/tmp/x').data, 0)
+  print(f'learning rate: 1e-3, {FLAGS.lr_schedule}'
+        + (f' to x{FLAGS.lr_final_fraction:g}' if FLAGS.lr_schedule != 'constant' else '')
+        + (f'; {FLAGS.steps} steps per config' if FLAGS.steps
+           else f'; {FLAGS.minutes:g} min per config (sized from a burn-in)'), flush=True)
   rows = []
   for name in FLAGS.configs:
     if name not in _CONFIGS:
       raise app.UsageError(f'--configs: unknown {name!r}; known: {", ".join(_CONFIGS)}')
-    # Burn-in to measure this configuration's speed, then size the run to the budget.
-    probe_dir = os.path.join(FLAGS.work_dir, name + '_probe')
-    shutil.rmtree(probe_dir, ignore_errors=True)
-    probe = _config(name, 1000, probe_dir)
-    probe = dataclasses.replace(
-        probe, train=dataclasses.replace(probe.train, eval_iw_samples=0))
-    m = controller.train(probe, strategy, data=data, log=lambda s: None)
-    steps = int(FLAGS.minutes * 60 * m['train_examples_per_sec'] / 128) // 500 * 500
-    steps = max(steps, 500)
+    steps = FLAGS.steps or _steps_for_budget(name, strategy, data)
     model_dir = os.path.join(FLAGS.work_dir, name)
     shutil.rmtree(model_dir, ignore_errors=True)
     tic = time.perf_counter()

@@ -67,7 +67,15 @@ def define_flags():
   # Training.
   flags.DEFINE_integer('train_steps', 20000, 'Total optimizer steps (> 0).')
   flags.DEFINE_integer('batch_size', 128, 'Global batch size (> 0; divisible by replicas).')
-  flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate (> 0).')
+  flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate (> 0; the peak under a '
+                     'schedule).')
+  flags.DEFINE_enum('lr_schedule', 'constant', ['constant', 'cosine'],
+                    'Learning-rate schedule: constant, or cosine decay from '
+                    '--learning_rate to --learning_rate * --lr_final_fraction at '
+                    '--train_steps.')
+  flags.DEFINE_float('lr_final_fraction', 0.0,
+                     'Last learning rate of --lr_schedule=cosine, as a fraction of '
+                     '--learning_rate (in [0, 1]).')
   flags.DEFINE_float('clip_grad_norm', 0.0, 'Clip the global gradient norm (0: off).')
   flags.DEFINE_integer('steps_per_loop', 500, 'Steps per compiled loop call (> 0).')
   flags.DEFINE_integer('eval_every', 5000, 'Evaluate every N steps (multiple of steps_per_loop).')
@@ -189,7 +197,8 @@ def experiment_config():
       synthetic_test_size=FLAGS.synthetic_test_size)
   train = config_lib.TrainConfig(
       model_dir=FLAGS.model_dir, train_steps=FLAGS.train_steps, batch_size=FLAGS.batch_size,
-      learning_rate=FLAGS.learning_rate, clip_grad_norm=FLAGS.clip_grad_norm,
+      learning_rate=FLAGS.learning_rate, lr_schedule=FLAGS.lr_schedule,
+      lr_final_fraction=FLAGS.lr_final_fraction, clip_grad_norm=FLAGS.clip_grad_norm,
       steps_per_loop=FLAGS.steps_per_loop, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       jit_compile=FLAGS.jit_compile, seed=FLAGS.seed, eval_batch_size=FLAGS.eval_batch_size,

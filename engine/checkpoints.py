@@ -41,7 +41,9 @@ from engine import errors
 CONFIG_FILE = 'config.json'
 # Fields that, if changed, make an existing checkpoint meaningless for this run.
 _INCOMPATIBLE = ('model', 'model_options', 'data.dataset', 'train.batch_size', 'train.seed',
-                 'train.precision')
+                 'train.precision', 'train.lr_schedule')
+# Fields added after runs were recorded: a config.json without one ran with this value.
+_VALUE_BEFORE_FIELD_EXISTED = {'train.precision': 'float32', 'train.lr_schedule': 'constant'}
 
 
 def _get(d, dotted):
@@ -77,7 +79,10 @@ def check_and_record_config(model_dir, config_dict, *, write=True):
           f'{path} is unreadable ({e}); it records the run in --model_dir={model_dir}. '
           f'Restore it or use a new --model_dir.') from e
     for field in _INCOMPATIBLE:
-      diff = _first_difference(_get(old, field), _get(config_dict, field), field)
+      before = _get(old, field)
+      if before == {} and field in _VALUE_BEFORE_FIELD_EXISTED:
+        before = _VALUE_BEFORE_FIELD_EXISTED[field]
+      diff = _first_difference(before, _get(config_dict, field), field)
       if diff:
         name, before, now = diff
         flag = name.split('.')[-1]

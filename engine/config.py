@@ -61,7 +61,10 @@ class TrainConfig:
     model_dir: where checkpoints, TensorBoard events, flags and metrics.json go.
     train_steps: total optimizer steps (a resumed run stops here too).
     batch_size: the *global* batch size (split evenly across replicas).
-    learning_rate: Adam's learning rate.
+    learning_rate: Adam's learning rate (its peak, under a schedule).
+    lr_schedule: 'constant' or 'cosine' (engine/schedules.py: half a cosine from
+      learning_rate at step 0 to learning_rate * lr_final_fraction at train_steps).
+    lr_final_fraction: the cosine schedule's last rate, as a fraction of the first.
     clip_grad_norm: clip the global gradient norm to this (0: no clipping).
     steps_per_loop: optimizer steps per call of the compiled loop; logging,
       evaluation and checkpoints happen only between calls.
@@ -86,6 +89,8 @@ class TrainConfig:
   train_steps: int = 20000
   batch_size: int = 128
   learning_rate: float = 1e-3
+  lr_schedule: str = 'constant'
+  lr_final_fraction: float = 0.0
   clip_grad_norm: float = 0.0
   steps_per_loop: int = 500
   eval_every: int = 5000
@@ -104,6 +109,12 @@ class TrainConfig:
 
   def __post_init__(self):
     _choice('precision', self.precision, ('float32', 'mixed_bfloat16', 'mixed_float16'))
+    _choice('lr_schedule', self.lr_schedule, ('constant', 'cosine'))
+    if not (isinstance(self.lr_final_fraction, (int, float))
+            and 0 <= self.lr_final_fraction <= 1):
+      raise errors.ConfigError(
+          f'--lr_final_fraction={self.lr_final_fraction!r}: must be in [0, 1] (the '
+          f'last learning rate as a fraction of --learning_rate).')
     for name in ('train_steps', 'batch_size', 'steps_per_loop', 'eval_every',
                  'checkpoint_every', 'keep_checkpoints', 'eval_batch_size',
                  'iw_chunk_size', 'num_summary_images'):

@@ -21,6 +21,7 @@ from engine import inputs
 from engine import loop as loop_lib
 from engine import precision
 from engine import preemption
+from engine import schedules
 from engine import step as step_lib
 from engine import summaries
 
@@ -73,7 +74,8 @@ def build(config, strategy, *, data=None, record_config=True):
     model = module.build(config.model_options, task_data=task, seed=config.train.seed,
                          global_batch_size=config.train.batch_size)
   with strategy.scope():
-    optimizer = precision.make_optimizer(config.train.precision, config.train.learning_rate)
+    optimizer = precision.make_optimizer(config.train.precision,
+                                         schedules.learning_rate(config.train))
     optimizer.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name='global_step')
   chief = distribute.is_chief(strategy)
@@ -88,8 +90,10 @@ def build(config, strategy, *, data=None, record_config=True):
     # the others into a temporary dir that `train` removes.
     worker_dir = distribute.worker_dir(model_dir, strategy)
     manager = checkpoints.make_manager(worker_dir, max_to_keep=1, **trackables)
-  # The learning rate is a checkpointed optimizer variable; the flag wins on resume.
-  precision.inner_optimizer(optimizer).learning_rate = config.train.learning_rate
+  # A constant learning rate is a checkpointed optimizer variable; the flag wins on
+  # resume. A schedule is rebuilt from the flags each run (only `iterations` is saved).
+  if config.train.lr_schedule == 'constant':
+    precision.inner_optimizer(optimizer).learning_rate = config.train.learning_rate
   if record_config and chief:
     checkpoints.check_and_record_config(model_dir, config_dict)
   return Experiment(config, strategy, data, task, module, model, optimizer, step, manager,

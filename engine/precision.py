@@ -33,7 +33,7 @@ def policy_scope(precision):
 
 
 def make_optimizer(precision, learning_rate):
-  """Adam; wrapped in a dynamic LossScaleOptimizer for float16."""
+  """Adam (a float rate or an engine.schedules schedule); loss-scaled for float16."""
   optimizer = tf_keras.optimizers.Adam(learning_rate=learning_rate)
   if needs_loss_scaling(precision):
     optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer, dynamic=True)
