@@ -230,7 +230,9 @@ def train_for_budget(name, config, strategy, data, seconds, max_steps=None):
     if now - last_log >= FLAGS.log_seconds:
       last_log = now
       acc = f'  train acc {means["accuracy"]:.4f}' if 'accuracy' in means else ''
-      print(f'  {name} step {step}  {(now - start) / 60:.1f}/{seconds / 60:.1f} min  '
+      budget = (f'/{max_steps}  {(now - start) / 60:.1f} min' if max_steps is not None
+                else f'  {(now - start) / 60:.1f}/{seconds / 60:.1f} min')
+      print(f'  {name} step {step}{budget}  '
             f'loss {means["loss"]:.4g}  nll {means["nll"]:.4g}  kl {means["kl"]:.4g}'
             f'{acc}  {n * config.train.batch_size / call_seconds:,.0f} ex/s', flush=True)
     if now - last_ckpt >= FLAGS.checkpoint_minutes * 60:

@@ -17,22 +17,52 @@ import math
 
 import tensorflow as tf
 
-# Every draw names Philox and converts the raw bits to floats itself:
-# - 'auto_select' (TF's default) compiled under XLA on CPU to a far slower generator
-#   than XLA's Philox in an uncommitted probe;
-# - XLA and TF's own kernels draw the same Philox bits but turn them into floats
-#   differently, so tf.random.stateless_uniform/normal give different values with
-#   and without XLA. Converting the bits here makes the noise the same either way
-#   (normals up to erfinv's rounding), so an XLA step and a plain one, or the
-#   in-memory (compiled) and tf.data pipelines, see the same noise.
-RNG_ALG = 'philox'
+# How the bits are made. Keys (one per step and purpose) come from Philox through
+# `stateless_fold_in(..., alg='philox')`: one scalar call each, cheap. The bits of a
+# draw are then a keyed integer hash of each element's flat index (`_hash_bits`):
+# XLA's Philox bit generator cost about 3x the whole hash on CPU for a kernel-sized
+# draw (benchmarks/rng.py), and a Bayesian layer draws one normal per weight every
+# step. The hash is three rounds of a 32-bit xorshift-multiply mixer (the "lowbias32"
+# constants from C. Wellons' hash-prospector search, chosen there for low avalanche
+# bias), with the two key words entering between rounds; tests/engine/test_sampling.py
+# checks uniformity, bit balance, serial and cross-key correlation and the normal's
+# moments and tails. It is a statistical generator, not a cryptographic one.
+#
+# Floats are made from the bits here, not by TF: XLA and TF's kernels turn bits into
+# floats differently, and doing it here makes the noise the same with and without
+# XLA (normals up to erfinv's rounding), so an XLA step and a plain one, or the
+# in-memory (compiled) and tf.data pipelines, see the same noise.
 _SQRT2 = math.sqrt(2.0)
+_GOLDEN = 0x9E3779B9  # odd: i -> i * _GOLDEN is a bijection of uint32
+_MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B
+_KEY_SALT = (0x243F6A88, 0x85A308D3)
+
+
+def _mix32(x):
+  """A bijective 32-bit mixer: xorshift, multiply, xorshift, multiply, xorshift."""
+  shift = tf.bitwise.right_shift
+  x = tf.bitwise.bitwise_xor(x, shift(x, tf.constant(16, tf.uint32)))
+  x = x * tf.constant(_MIX1, tf.uint32)
+  x = tf.bitwise.bitwise_xor(x, shift(x, tf.constant(15, tf.uint32)))
+  x = x * tf.constant(_MIX2, tf.uint32)
+  return tf.bitwise.bitwise_xor(x, shift(x, tf.constant(16, tf.uint32)))
+
+
+def _hash_bits(count, seed):
+  """uint32 [count]: bits of element i = mix(mix(mix(i * golden ^ k0) ^ k1) + k0)."""
+  key = tf.bitcast(tf.convert_to_tensor(seed, tf.int32), tf.uint32)
+  k0 = _mix32(tf.bitwise.bitwise_xor(key[0], tf.constant(_KEY_SALT[0], tf.uint32)))
+  k1 = _mix32(tf.bitwise.bitwise_xor(key[1], tf.constant(_KEY_SALT[1], tf.uint32)))
+  index = tf.cast(tf.range(count), tf.uint32) * tf.constant(_GOLDEN, tf.uint32)
+  x = _mix32(tf.bitwise.bitwise_xor(index, k0))
+  x = _mix32(tf.bitwise.bitwise_xor(x, k1))
+  return _mix32(x + k0)
 
 
 def uniform_bits(shape, seed):
-  """Philox uint32 bits of `shape` for an int32 [2] seed."""
-  return tf.random.stateless_uniform(shape, seed=seed, minval=None, maxval=None,
-                                     dtype=tf.uint32, alg=RNG_ALG)
+  """uint32 bits of `shape` for an int32 [2] seed (see the comment above)."""
+  shape = tf.convert_to_tensor(shape, tf.int32)
+  return tf.reshape(_hash_bits(tf.reduce_prod(shape), seed), shape)
 
 
 def uniform(shape, seed):

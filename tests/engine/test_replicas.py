@@ -73,8 +73,11 @@ def test_one_and_two_replicas_give_the_same_weights(case, tmp_path, default_stra
   two, loss_two = train_weights(tmp_path / 'two', mirrored_strategy, model, options)
   assert len(one) == len(two)
   np.testing.assert_allclose(loss_one, loss_two, rtol=1e-5)
+  # The two splits sum the gradient in a different order. Adam divides by sqrt(v),
+  # so for a weight whose gradient is near zero that rounding can move the update
+  # by a visible fraction of one step (lr = 1e-3): atol is 5% of a step.
   for a, b in zip(one, two):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
 
 
 def test_a_different_seed_gives_different_weights(tmp_path, default_strategy):
@@ -89,4 +92,4 @@ def test_a_different_seed_gives_different_weights(tmp_path, default_strategy):
   train_loop, iterator = controller.make_train_loop(exp)
   train_loop(iterator, tf.constant(STEPS, tf.int64))
   other = [v.numpy() for v in exp.model.trainable_variables]
-  assert any(not np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(one, other))
+  assert any(not np.allclose(a, b, rtol=1e-4, atol=5e-5) for a, b in zip(one, other))

@@ -1,0 +1,120 @@
+"""engine/sampling.py: the hashed bit generator's statistics and determinism.
+
+Each check would fail for a broken generator: an unkeyed or weakly keyed hash
+(cross-key correlation, shared values), a poor mixer (bit balance, serial pairs),
+or a wrong bits-to-float conversion (moments, tails, chi-square).
+"""
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from engine import sampling
+
+N = 1 << 20
+
+
+def _seed(a, b):
+  return tf.constant([a, b], tf.int32)
+
+
+def _bits(seed, n=N):
+  return sampling.uniform_bits([n], seed).numpy().astype(np.uint64)
+
+
+def test_same_seed_same_draws_and_shape():
+  a = sampling.uniform_bits([3, 5, 7], _seed(1, 2)).numpy()
+  b = sampling.uniform_bits([3, 5, 7], _seed(1, 2)).numpy()
+  assert a.shape == (3, 5, 7) and a.dtype == np.uint32
+  np.testing.assert_array_equal(a, b)
+  # The flat index drives the draw: any reshaping of the same count gives the same bits.
+  np.testing.assert_array_equal(a.reshape(-1),
+                                sampling.uniform_bits([105], _seed(1, 2)).numpy())
+
+
+def test_xla_and_plain_draws_agree():
+  seed = _seed(-5, 123456789)
+  compiled = tf.function(lambda s: (sampling.uniform_bits([4099], s),
+                                    sampling.standard_normal([4099], s)),
+                         jit_compile=True)(seed)
+  np.testing.assert_array_equal(compiled[0].numpy(),
+                                sampling.uniform_bits([4099], seed).numpy())
+  np.testing.assert_allclose(compiled[1].numpy(),
+                             sampling.standard_normal([4099], seed).numpy(),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_every_bit_is_balanced():
+  bits = _bits(_seed(7, 11))
+  ones = np.array([np.count_nonzero((bits >> k) & 1) for k in range(32)])
+  # Binomial(N, 1/2): standard deviation sqrt(N) / 2; 6 of them.
+  assert np.all(np.abs(ones - N / 2) < 6 * math.sqrt(N) / 2), ones
+
+
+def _chi_square_ok(counts, expected):
+  k = counts.size - 1
+  chi2 = float(np.sum((counts - expected) ** 2 / expected))
+  return abs(chi2 - k) < 6 * math.sqrt(2 * k), chi2
+
+
+def test_uniform_is_uniform_and_in_the_open_interval():
+  u = sampling.uniform([N], _seed(3, 4)).numpy()
+  assert u.min() > 0 and u.max() < 1
+  assert abs(u.mean() - 0.5) < 6 * math.sqrt(1 / 12 / N)
+  ok, chi2 = _chi_square_ok(np.histogram(u, bins=256, range=(0, 1))[0], N / 256)
+  assert ok, chi2
+
+
+def test_consecutive_pairs_fill_the_square():
+  """Serial test: (u_2i, u_2i+1) over a 32 x 32 grid, and lag-1 correlation."""
+  u = sampling.uniform([N], _seed(5, 6)).numpy()
+  counts = np.histogram2d(u[0::2], u[1::2], bins=32, range=[[0, 1], [0, 1]])[0]
+  ok, chi2 = _chi_square_ok(counts.reshape(-1), (N / 2) / 1024)
+  assert ok, chi2
+  r = np.corrcoef(u[:-1], u[1:])[0, 1]
+  assert abs(r) < 6 / math.sqrt(N), r
+
+
+@pytest.mark.parametrize('other', [(5, 7), (6, 6), (-5, 6), (5, 6 + (1 << 16))])
+def test_nearby_keys_give_unrelated_streams(other):
+  """Keys one apart (as consecutive steps' fold_in keys are not, but could be) and
+  keys differing in one high bit: no correlation, and no more equal 32-bit values
+  than chance (N^2 / 2^32 = 256 expected)."""
+  a = _bits(_seed(5, 6))
+  b = _bits(_seed(*other))
+  ua, ub = a / 2.0 ** 32, b / 2.0 ** 32
+  r = np.corrcoef(ua, ub)[0, 1]
+  assert abs(r) < 6 / math.sqrt(N), r
+  assert np.count_nonzero(a == b) < 50  # same index, same value: chance is N / 2^32
+  shared = np.intersect1d(a, b).size
+  assert shared < 256 + 6 * 16 + 50, shared
+
+
+def test_folded_keys_of_consecutive_steps_are_unrelated():
+  """The engine's keys: fold_in(step) of one run seed, steps t and t + 1."""
+  base = _seed(0, 0x5A)
+  keys = [tf.random.experimental.stateless_fold_in(base, t, alg='philox') for t in (0, 1)]
+  a, b = (sampling.uniform([N], k).numpy() for k in keys)
+  assert abs(np.corrcoef(a, b)[0, 1]) < 6 / math.sqrt(N)
+
+
+def test_standard_normal_moments_and_tails():
+  z = sampling.standard_normal([N], _seed(8, 9)).numpy().astype(np.float64)
+  se = 1 / math.sqrt(N)
+  assert abs(z.mean()) < 6 * se
+  assert abs(z.var() - 1) < 6 * math.sqrt(2) * se
+  assert abs(np.mean(z ** 3)) < 6 * math.sqrt(15) * se
+  assert abs(np.mean(z ** 4) - 3) < 6 * math.sqrt(96) * se
+  for t, tail in ((1.0, 0.31731), (2.0, 0.04550), (3.0, 0.0026998)):
+    p = np.mean(np.abs(z) > t)
+    assert abs(p - tail) < 6 * math.sqrt(tail * (1 - tail) / N), (t, p)
+
+
+def test_rademacher_signs_are_balanced_and_independent_of_the_normal():
+  noise = sampling.Noise(_seed(10, 11))
+  s = noise.rademacher([N // 8, 8]).numpy().reshape(-1)
+  assert set(np.unique(s)) == {-1.0, 1.0}
+  assert abs(s.mean()) < 6 / math.sqrt(N)
+  eps = noise.fold(1).normal([N // 8, 8]).numpy().reshape(-1)
+  assert abs(np.corrcoef(s, eps)[0, 1]) < 6 / math.sqrt(N)
