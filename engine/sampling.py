@@ -20,9 +20,9 @@ import tensorflow as tf
 # How the bits are made. Keys (one per step and purpose) come from Philox through
 # `stateless_fold_in(..., alg='philox')`: one scalar call each, cheap. The bits of a
 # draw are then a keyed integer hash of each element's flat index (`_hash_bits`):
-# XLA's Philox bit generator cost about 3x the whole hash on CPU for a kernel-sized
-# draw (benchmarks/rng.py), and a Bayesian layer draws one normal per weight every
-# step. The hash is three rounds of a 32-bit xorshift-multiply mixer (the "lowbias32"
+# for 477,600 elements (one normal per weight of the BNN MLP, drawn every step) XLA's
+# Philox bits took 0.91 ms and the hash 0.30 ms on the 2-core CPU of
+# benchmarks/RESULTS.md, and the normals 2.05 vs 1.27 ms (`benchmarks/rng.py`). The hash is three rounds of a 32-bit xorshift-multiply mixer (the "lowbias32"
 # constants from C. Wellons' hash-prospector search, chosen there for low avalanche
 # bias), with the two key words entering between rounds; tests/engine/test_sampling.py
 # checks uniformity, bit balance, serial and cross-key correlation and the normal's
