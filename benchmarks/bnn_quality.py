@@ -116,7 +116,7 @@ flags.DEFINE_integer('synthetic_test_size', 2048, 'Test examples of synthetic da
 flags.DEFINE_integer('num_mc_samples', 10, 'Weight samples per test example.')
 flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
 flags.DEFINE_float('learning_rate', 1e-3, "Adam's learning rate.")
-flags.DEFINE_enum('lr_schedule', 'constant', ['constant', 'cosine'],
+flags.DEFINE_enum('lr_schedule', 'constant', list(config_lib.LR_SCHEDULES),
                   'Learning-rate schedule (engine/schedules.py); cosine needs --steps.')
 flags.DEFINE_float('lr_final_fraction', 0.0, 'Last rate of the cosine schedule, as a '
                    'fraction of --learning_rate.')

@@ -23,8 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import math
-
 from absl import app
 from absl import flags
 import tensorflow as tf
@@ -44,18 +42,13 @@ def _philox_bits(n, seed):
                                      dtype=tf.uint32, alg='philox')
 
 
-def _to_normal(bits):
-  m = tf.cast(tf.bitwise.right_shift(bits, 9), tf.float32)
-  return math.sqrt(2.0) * tf.math.erfinv((m + 0.5) * 2.0 ** -22 - 1.0)
-
-
 def _variants(n, table):
   top = lambda b: tf.reduce_sum(tf.cast(tf.bitwise.right_shift(b, 31), tf.int32))
   return {
       'sum_only': lambda s: tf.reduce_sum(table) + tf.cast(s[0], tf.float32),
       'philox_bits': lambda s: top(_philox_bits(n, s)),
       'hash_bits': lambda s: top(sampling.uniform_bits([n], s)),
-      'philox_normal': lambda s: tf.reduce_sum(_to_normal(_philox_bits(n, s))),
+      'philox_normal': lambda s: tf.reduce_sum(sampling.normal_from_bits(_philox_bits(n, s))),
       'hash_normal': lambda s: tf.reduce_sum(sampling.standard_normal([n], s)),
       'tf_stateless_normal': lambda s: tf.reduce_sum(
           tf.random.stateless_normal([n], seed=s, alg='philox')),

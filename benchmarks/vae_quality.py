@@ -20,13 +20,15 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from engine import config as config_lib  # noqa: E402
+
 flags.DEFINE_float('minutes', 5.0, 'Training budget per configuration, in minutes (> 0).')
 flags.DEFINE_list('configs', ['vae', 'iwae50'], 'Configurations to run: '
                   'vae (default MLP ELBO), iwae50 (IWAE k=50), conv (conv VAE).')
 flags.DEFINE_integer('steps', 0, 'Fixed step budget per configuration instead of the '
                      'one sized from --minutes (0: size from --minutes). The figures then '
                      'do not depend on other load on the machine.')
-flags.DEFINE_enum('lr_schedule', 'constant', ['constant', 'cosine'],
+flags.DEFINE_enum('lr_schedule', 'constant', list(config_lib.LR_SCHEDULES),
                   'Learning-rate schedule (engine/schedules.py), over the whole budget.')
 flags.DEFINE_float('lr_final_fraction', 0.0, 'Last rate of the cosine schedule, as a '
                    'fraction of the first.')
@@ -45,7 +47,6 @@ _CONFIGS = {
 
 
 def _config(name, train_steps, model_dir):
-  from engine import config as config_lib
   from models import vae
   options = vae.VAEConfig(**_CONFIGS[name])
   return config_lib.ExperimentConfig(

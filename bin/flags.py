@@ -69,7 +69,7 @@ def define_flags():
   flags.DEFINE_integer('batch_size', 128, 'Global batch size (> 0; divisible by replicas).')
   flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate (> 0; the peak under a '
                      'schedule).')
-  flags.DEFINE_enum('lr_schedule', 'constant', ['constant', 'cosine'],
+  flags.DEFINE_enum('lr_schedule', 'constant', list(config_lib.LR_SCHEDULES),
                     'Learning-rate schedule: constant, or cosine decay from '
                     '--learning_rate to --learning_rate * --lr_final_fraction at '
                     '--train_steps.')

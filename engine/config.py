@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 from engine import errors
 
 INPUT_PIPELINES = ('in_memory', 'tf_data')
+LR_SCHEDULES = ('constant', 'cosine')  # engine/schedules.py
 
 
 def _positive_int(name, value, *, allow_zero=False):
@@ -109,7 +110,7 @@ class TrainConfig:
 
   def __post_init__(self):
     _choice('precision', self.precision, ('float32', 'mixed_bfloat16', 'mixed_float16'))
-    _choice('lr_schedule', self.lr_schedule, ('constant', 'cosine'))
+    _choice('lr_schedule', self.lr_schedule, LR_SCHEDULES)
     if not (isinstance(self.lr_final_fraction, (int, float))
             and 0 <= self.lr_final_fraction <= 1):
       raise errors.ConfigError(

@@ -16,7 +16,7 @@ import math
 import tensorflow as tf
 import tf_keras
 
-SCHEDULES = ('constant', 'cosine')
+from engine import config as config_lib
 
 
 def cosine_rate(step, *, base_rate, total_steps, final_fraction):
@@ -51,4 +51,5 @@ def learning_rate(train_config):
     return t.learning_rate
   if t.lr_schedule == 'cosine':
     return CosineSchedule(t.learning_rate, t.train_steps, t.lr_final_fraction)
-  raise ValueError(f'lr_schedule={t.lr_schedule!r}; choose one of {SCHEDULES}')
+  raise ValueError(
+      f'lr_schedule={t.lr_schedule!r}; choose one of {config_lib.LR_SCHEDULES}')

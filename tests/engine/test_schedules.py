@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from engine import config as config_lib
+from engine import controller
 from engine import errors
 from engine import schedules
 from tests.engine import test_controller as tc
@@ -60,8 +61,8 @@ def test_engine_follows_the_curve_and_a_resume_continues_it(tmp_path):
   split_config = dataclasses.replace(split_config, train=dataclasses.replace(
       split_config.train, checkpoint_every=10))
   # Stop after 20 steps of the 40-step curve, as a preempted job would, then resume.
-  exp = tc.controller.build(split_config, tf.distribute.get_strategy())
-  loop, iterator = tc.controller.make_train_loop(exp)
+  exp = controller.build(split_config, tf.distribute.get_strategy())
+  loop, iterator = controller.make_train_loop(exp)
   loop(iterator, tf.constant(20, tf.int64))
   exp.manager.save(checkpoint_number=20)
   tc._train(split_config)
