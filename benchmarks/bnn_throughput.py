@@ -9,7 +9,11 @@ trained by the engine exactly as `controller.train` trains them (`controller.bui
   mc_dropout                the same network with dropout kept on;
   reparameterization        one weight sample per step, shared by the batch;
   flipout                   pseudo-independent per-example weight perturbations;
-  local_reparameterization  pre-activations sampled per example.
+  local_reparameterization  pre-activations sampled per example;
+
+each variational layer with the posterior std as softplus(rho) (the default) and,
+named "<layer>/exp", as exp(rho) (`--posterior_scale=exp`: no log1p, no log in the
+KL, no division in the gradient; `--posterior_scales` picks which).
 
 Default network: MLP 784-400-400-10 on Fashion-MNIST classification, batch 128
 (`--architecture=lenet` for LeNet-5). Every variant is burnt in (build, tracing,
@@ -45,6 +49,7 @@ from benchmarks import common
 from engine import config as config_lib
 from engine import distribute
 from models import bnn as bnn_lib
+from models import variational
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 ALL_VARIANTS = ('deterministic', 'mc_dropout', 'reparameterization', 'flipout',
@@ -65,6 +70,10 @@ flags.DEFINE_list('hidden_sizes', ['400', '400'], 'Hidden sizes of the MLP.')
 flags.DEFINE_integer('batch_size', 128, 'Global batch size of every variant.')
 flags.DEFINE_list('variants', list(ALL_VARIANTS), 'Variants to run, from: '
                   + ', '.join(ALL_VARIANTS) + ' (deterministic is always run).')
+flags.DEFINE_list('posterior_scales', ['softplus', 'exp'],
+                  'Posterior-scale parameterizations of every variational variant '
+                  '(--posterior_scale: softplus, exp); a variant with exp is named '
+                  '"<layer>/exp".')
 flags.DEFINE_boolean('xla', True, 'Compile each step with XLA (TrainConfig.jit_compile).')
 flags.DEFINE_enum('precision', 'float32', ['float32', 'mixed_bfloat16', 'mixed_float16'],
                   'TrainConfig.precision of every variant.')
@@ -77,11 +86,11 @@ flags.DEFINE_integer('steps_per_loop', 500, "The engine's steps per TrainLoop ca
 flags.DEFINE_integer('seed', 0, 'Seed of initialisation, data order and sampling.')
 
 
-def make_config(variant, data, model_dir):
+def make_config(variant, data, model_dir, posterior_scale='softplus'):
   options = bnn_lib.BNNConfig(
       architecture=FLAGS.architecture,
       hidden_sizes=tuple(int(h) for h in FLAGS.hidden_sizes),
-      bnn_layer=variant)
+      bnn_layer=variant, posterior_scale=posterior_scale)
   spl = FLAGS.steps_per_loop
   train = config_lib.TrainConfig(
       model_dir=model_dir, batch_size=FLAGS.batch_size, steps_per_loop=spl,
@@ -107,7 +116,17 @@ def main(argv):
   unknown = [v for v in FLAGS.variants if v not in ALL_VARIANTS]
   if unknown:
     raise app.UsageError(f'--variants: unknown {unknown}; choose from {ALL_VARIANTS}.')
-  names = [v for v in ALL_VARIANTS if v in FLAGS.variants or v == 'deterministic']
+  unknown = [p for p in FLAGS.posterior_scales if p not in variational.POSTERIOR_SCALES]
+  if unknown or not FLAGS.posterior_scales:
+    raise app.UsageError(f'--posterior_scales: {FLAGS.posterior_scales}; choose one or '
+                         f'more of {variational.POSTERIOR_SCALES}.')
+  runs = []  # (runner name, layer, posterior scale)
+  for v in ALL_VARIANTS:
+    if v in BASELINES:
+      if v in FLAGS.variants or v == 'deterministic':
+        runs.append((v, v, 'softplus'))
+    elif v in FLAGS.variants:
+      runs += [(v if p == 'softplus' else f'{v}/{p}', v, p) for p in FLAGS.posterior_scales]
   wall_start = time.perf_counter()
 
   common.print_header()
@@ -124,9 +143,10 @@ def main(argv):
 
   strategy = distribute.make_strategy('default')
   with tempfile.TemporaryDirectory(prefix='elbo_bnn_throughput_') as root_dir:
-    runners = [common.EngineRunner(name, make_config(name, data,
-                                                     os.path.join(root_dir, name)),
-                                   strategy, data) for name in names]
+    runners = [common.EngineRunner(
+        name, make_config(layer, data, os.path.join(root_dir, name.replace('/', '_')),
+                          posterior_scale),
+        strategy, data) for name, layer, posterior_scale in runs]
     common.burn_in(runners, FLAGS.burn_in_steps,
                    log=lambda s: print(s, flush=True))
     params = {r.name: num_parameters(r.model) for r in runners}

@@ -7,7 +7,10 @@ function each, drawing those sizes with:
   - `philox_bits`: `tf.random.stateless_uniform(dtype=uint32, alg='philox')`, which
     the engine used until session 3;
   - `hash_bits`: `engine.sampling.uniform_bits` (a keyed integer hash of the index);
-  - `*_normal`: the same bits turned into standard normals by sqrt(2) erfinv(2u - 1);
+  - `*_normal`: the same bits turned into standard normals by sqrt(2) erfinv(2u - 1)
+    (`engine.sampling.normal_from_bits`: Giles' polynomial erfinv, since session 4);
+  - `hash_normal_tf_erfinv`: the hash's bits through `tf.math.erfinv` instead (what
+    `normal_from_bits` computed until session 4);
   - `tf_stateless_normal`: `tf.random.stateless_normal(alg='philox')`, for reference.
 Each function returns a sum so nothing is optimized away; `sum_only` is that sum
 alone over a variable of the same size. Medians over rounds of 200 calls.
@@ -42,6 +45,11 @@ def _philox_bits(n, seed):
                                      dtype=tf.uint32, alg='philox')
 
 
+def _tf_erfinv_normal(bits):
+  m = tf.cast(tf.bitwise.right_shift(bits, 9), tf.float32)
+  return 2.0 ** 0.5 * tf.math.erfinv((m + 0.5) * 2.0 ** -22 - 1.0)
+
+
 def _variants(n, table):
   top = lambda b: tf.reduce_sum(tf.cast(tf.bitwise.right_shift(b, 31), tf.int32))
   return {
@@ -50,6 +58,8 @@ def _variants(n, table):
       'hash_bits': lambda s: top(sampling.uniform_bits([n], s)),
       'philox_normal': lambda s: tf.reduce_sum(sampling.normal_from_bits(_philox_bits(n, s))),
       'hash_normal': lambda s: tf.reduce_sum(sampling.standard_normal([n], s)),
+      'hash_normal_tf_erfinv': lambda s: tf.reduce_sum(_tf_erfinv_normal(
+          sampling.uniform_bits([n], s))),
       'tf_stateless_normal': lambda s: tf.reduce_sum(
           tf.random.stateless_normal([n], seed=s, alg='philox')),
   }

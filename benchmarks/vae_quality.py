@@ -8,6 +8,11 @@ reports the importance-sampled test NLL in nats (k = --eval_iw_samples, full tes
 set, fixed test binarization) with its standard error over test examples.
 
   .venv/bin/python benchmarks/vae_quality.py --minutes=60 --configs=vae,iwae50
+
+Long runs survive preemption: on SIGTERM the engine saves a checkpoint and this
+script exits with code 75; rerunning the same command with `--resume` continues
+each configuration from its checkpoint (a fixed `--steps` budget is needed then,
+so the resumed run has the same length and learning-rate schedule).
 """
 import dataclasses
 import os
@@ -36,6 +41,9 @@ flags.DEFINE_string('dataset', 'fashion_mnist', 'Data set name.')
 flags.DEFINE_integer('eval_iw_samples', 1000, 'Importance samples for log p(x) (>= 1000 '
                      'for reported figures).')
 flags.DEFINE_string('work_dir', '/tmp/elbo_engine/vae_quality', 'Where runs are written.')
+flags.DEFINE_boolean('resume', False, 'Continue a configuration from the checkpoint in '
+                     'its run directory (e.g. after preemption) instead of starting over; '
+                     'needs --steps, and the engine refuses a changed configuration.')
 FLAGS = flags.FLAGS
 
 _CONFIGS = {
@@ -81,6 +89,10 @@ def main(argv):
   if FLAGS.steps < 0 or FLAGS.steps % 500:
     raise app.UsageError(f'--steps={FLAGS.steps}: must be a multiple of 500 (the steps '
                          'per loop call), or 0 to size the run from --minutes.')
+  if FLAGS.resume and not FLAGS.steps:
+    raise app.UsageError('--resume needs the fixed --steps budget of the first run '
+                         '(a budget sized from --minutes differs from run to run).')
+  from engine import preemption
   strategy = distribute.make_strategy('default')
   data = controller.load_data(_config('vae', 1, '/tmp/x').data, 0)
   print(f'learning rate: 1e-3, {FLAGS.lr_schedule}'
@@ -93,14 +105,25 @@ def main(argv):
       raise app.UsageError(f'--configs: unknown {name!r}; known: {", ".join(_CONFIGS)}')
     steps = FLAGS.steps or _steps_for_budget(name, strategy, data)
     model_dir = os.path.join(FLAGS.work_dir, name)
-    shutil.rmtree(model_dir, ignore_errors=True)
+    checkpoints = os.path.join(model_dir, 'checkpoints')
+    if FLAGS.resume and os.path.isdir(checkpoints) and os.listdir(checkpoints):
+      print(f'{name}: resuming from {checkpoints}', flush=True)
+    else:
+      shutil.rmtree(model_dir, ignore_errors=True)
     tic = time.perf_counter()
-    metrics = controller.train(_config(name, steps, model_dir), strategy, data=data)
+    try:
+      metrics = controller.train(_config(name, steps, model_dir), strategy, data=data)
+    except preemption.Preempted as e:
+      print(f'{name}: preempted at step {e.step}; rerun this command with --resume to '
+            f'continue from {checkpoints}.', flush=True)
+      sys.exit(preemption.EXIT_PREEMPTED)
     total = time.perf_counter() - tic
     epochs = steps * 128 / data.num_train
     rows.append((name, steps, epochs, total / 60, metrics['elbo'], metrics['nll'],
                  metrics['log_likelihood_stderr']))
   print()
+  if FLAGS.resume:
+    print('(--resume: wall minutes are this invocation\'s only)')
   print(f'| config | steps | epochs | wall min (incl. eval) | test ELBO | '
         f'test NLL (k={FLAGS.eval_iw_samples}) | stderr |')
   print('| --- | --- | --- | --- | --- | --- | --- |')

@@ -132,7 +132,12 @@ def define_bnn_flags():
                        "Learn the prior's scales with the posterior (empirical Bayes).")
   flags.DEFINE_float('posterior_rho_init', -5.0,
                      'Initial rho of every BNN weight (finite); the posterior std starts '
-                     'at softplus(rho) (-5: 0.0067).')
+                     'at softplus(rho), or exp(rho) with --posterior_scale=exp '
+                     '(-5: 0.0067 either way).')
+  flags.DEFINE_string('posterior_scale', 'softplus',
+                      'How rho maps to the BNN posterior std: softplus (softplus(rho), '
+                      'the default) | exp (rho is log(std): no log1p, no log in the KL, '
+                      'no division in the gradient). A run cannot resume with the other.')
   flags.DEFINE_string('kl_schedule', 'uniform',
                       'Per-example weight of the BNN KL: uniform (KL / N) | blundell '
                       '(pi_i * M / N, Blundell et al. 2015).')

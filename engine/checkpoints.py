@@ -30,6 +30,7 @@ restore through it, move bad files aside the same way. It assumes, as
 CheckpointManager does, that one process at a time writes the checkpoint dir. The
 check reads the checkpoint once more than a bare restore does.
 """
+import copy
 import json
 import os
 import time
@@ -39,17 +40,38 @@ import tensorflow as tf
 from engine import errors
 
 CONFIG_FILE = 'config.json'
-# Fields that, if changed, make an existing checkpoint meaningless for this run.
+# Fields that, if changed, make an existing checkpoint meaningless for this run
+# ('model_options' is every model field, e.g. the BNN's posterior_scale).
 _INCOMPATIBLE = ('model', 'model_options', 'data.dataset', 'train.batch_size', 'train.seed',
                  'train.precision', 'train.lr_schedule')
 # Fields added after runs were recorded: a config.json without one ran with this value.
-_VALUE_BEFORE_FIELD_EXISTED = {'train.precision': 'float32', 'train.lr_schedule': 'constant'}
+# Filled in only where this run's config has the field: posterior_scale is a field of
+# the BNN's model_options, which a VAE's never has.
+_VALUE_BEFORE_FIELD_EXISTED = {'train.precision': 'float32', 'train.lr_schedule': 'constant',
+                               'model_options.posterior_scale': 'softplus'}
 
 
 def _get(d, dotted):
   for part in dotted.split('.'):
     d = d.get(part, {}) if isinstance(d, dict) else {}
   return d
+
+
+def _with_fields_added_later(old, now):
+  """A copy of the recorded config `old` in which each field of
+  _VALUE_BEFORE_FIELD_EXISTED that it lacks, and this run's config `now` has, holds
+  the value the recorded run ran with."""
+  old = copy.deepcopy(old)
+  for dotted, value in _VALUE_BEFORE_FIELD_EXISTED.items():
+    if _get(now, dotted) == {}:
+      continue
+    *parents, leaf = dotted.split('.')
+    d = old
+    for part in parents:
+      d = d.get(part) if isinstance(d, dict) else None
+    if isinstance(d, dict) and leaf not in d:
+      d[leaf] = value
+  return old
 
 
 def _first_difference(before, now, prefix):
@@ -78,11 +100,9 @@ def check_and_record_config(model_dir, config_dict, *, write=True):
       raise errors.CheckpointError(
           f'{path} is unreadable ({e}); it records the run in --model_dir={model_dir}. '
           f'Restore it or use a new --model_dir.') from e
+    old = _with_fields_added_later(old, config_dict)
     for field in _INCOMPATIBLE:
-      before = _get(old, field)
-      if before == {} and field in _VALUE_BEFORE_FIELD_EXISTED:
-        before = _VALUE_BEFORE_FIELD_EXISTED[field]
-      diff = _first_difference(before, _get(config_dict, field), field)
+      diff = _first_difference(_get(old, field), _get(config_dict, field), field)
       if diff:
         name, before, now = diff
         flag = name.split('.')[-1]

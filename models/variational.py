@@ -1,9 +1,20 @@
 """Mean-field Gaussian variational layers (Bayes by Backprop) with explicit noise.
 
-Every weight of a kernel has the posterior q(w) = N(loc, scale^2), with
-scale = softplus(rho) + SCALE_FLOOR, and a prior p(w) that is either a zero-mean
-normal or Blundell et al.'s (2015) scale mixture of two. Three estimators of the
-layer's output under q are provided:
+Every weight of a kernel has the posterior q(w) = N(loc, scale^2), and a prior p(w)
+that is either a zero-mean normal or Blundell et al.'s (2015) scale mixture of two.
+The scale is a function of an unconstrained variable rho, chosen by
+`posterior_scale` (see `posterior_scale()`):
+
+  'softplus' (default)  scale = softplus(rho) + SCALE_FLOOR (Blundell et al. 2015);
+  'exp'                 scale = exp(max(rho, log(SCALE_FLOOR))), i.e. rho is
+                        log(sigma) (Graves 2011; Kingma et al. 2015). Cheaper per
+                        weight: log(scale) = rho for free in the KL and
+                        d scale / d rho = scale (no log1p, no division); for the
+                        small scales BNNs use (rho near -5) the two agree to 0.3%.
+
+The two kinds give rho different meanings, so a checkpoint of one cannot be
+continued with the other. Three estimators of the layer's output under q are
+provided:
 
   reparameterization        one weight sample w = loc + scale * eps per step, shared
                             by the whole global batch (Blundell et al. 2015);
@@ -59,10 +70,13 @@ from engine import errors
 
 ESTIMATORS = ('reparameterization', 'flipout', 'local_reparameterization')
 KL_METHODS = ('analytic', 'monte_carlo')
+POSTERIOR_SCALES = ('softplus', 'exp')
 
-# scale = softplus(rho) + SCALE_FLOOR: keeps log(scale) and 1 / scale finite in the
-# KL when rho drifts very negative; far below any scale that matters in training.
+# scale = softplus(rho) + SCALE_FLOOR, or exp(rho) clipped at SCALE_FLOOR: keeps
+# log(scale) and 1 / scale finite in the KL when rho drifts very negative; far
+# below any scale that matters in training.
 SCALE_FLOOR = 1e-6
+_LOG_SCALE_FLOOR = math.log(SCALE_FLOOR)
 # Added to the local-reparameterization variance before the square root, so the
 # gradient stays finite for an all-zero input row (e.g. a dead ReLU layer).
 _VARIANCE_FLOOR = 1e-12
@@ -87,14 +101,57 @@ def softplus_scale(rho):
   return scale, grad
 
 
+def _check_posterior_scale(kind):
+  if kind not in POSTERIOR_SCALES:
+    raise errors.ConfigError(
+        f'--posterior_scale={kind!r} is not known; choose one of: '
+        f'{", ".join(POSTERIOR_SCALES)}.')
+
+
+def posterior_scale(rho, kind='softplus'):
+  """The posterior standard deviations and their logs from rho, float32, elementwise.
+
+  'softplus': scale = softplus(rho) + SCALE_FLOOR (`softplus_scale`) and
+    log_scale = log(scale).
+  'exp': rho is log(sigma), clipped from below at log(SCALE_FLOOR) (so that, as with
+    the softplus floor, scale >= SCALE_FLOOR and 1 / scale stays finite; the clip
+    has zero gradient below the floor): log_scale = max(rho, log(SCALE_FLOOR)) and
+    scale = exp(log_scale). One exponential per weight, log(scale) for free, and
+    d scale / d rho = scale.
+
+  Args:
+    rho: the unconstrained posterior variable (a float32 tensor or variable).
+    kind: one of POSTERIOR_SCALES.
+
+  Returns:
+    (scale, log_scale), float32 tensors of rho's shape. Pass log_scale to the KL
+    functions so that they need not take a log of their own.
+
+  Raises:
+    ConfigError: for an unknown kind.
+  """
+  _check_posterior_scale(kind)
+  rho = tf.convert_to_tensor(rho, tf.float32)
+  if kind == 'softplus':
+    scale = softplus_scale(rho)
+    return scale, tf.math.log(scale)
+  log_scale = tf.maximum(rho, _LOG_SCALE_FLOOR)
+  return tf.exp(log_scale), log_scale
+
+
 # ---------------------------------------------------------------------------------
 # Densities, priors and KL divergences (float32, elementwise unless summed).
 
 
-def normal_log_prob(x, loc, scale):
-  """log N(x; loc, scale^2), elementwise."""
+def normal_log_prob(x, loc, scale, log_scale=None):
+  """log N(x; loc, scale^2), elementwise.
+
+  log_scale: log(scale) if already known (e.g. from `posterior_scale`); by default
+    it is computed.
+  """
   z = (x - loc) / scale
-  return -0.5 * tf.square(z) - tf.math.log(scale) - _HALF_LOG_2PI
+  log_scale = tf.math.log(scale) if log_scale is None else log_scale
+  return -0.5 * tf.square(z) - log_scale - _HALF_LOG_2PI
 
 
 def _check_scale(name, value):
@@ -200,13 +257,15 @@ class ScaleMixturePrior(tf.Module):
     return tf.reduce_logsumexp(tf.stack([log_p1, log_p2]), axis=0) - _HALF_LOG_2PI
 
 
-def analytic_kl_normal(loc, scale, prior_sigma):
+def analytic_kl_normal(loc, scale, prior_sigma, log_scale=None):
   """KL(N(loc, scale^2) || N(0, prior_sigma^2)) summed over all weights.
 
   Args:
     loc: posterior means, float32, any shape.
     scale: posterior standard deviations, same shape.
     prior_sigma: the prior's standard deviation, a scalar.
+    log_scale: log(scale) if already known (saves a log per weight); by default
+      it is computed.
 
   Returns:
     A float32 scalar.
@@ -215,12 +274,13 @@ def analytic_kl_normal(loc, scale, prior_sigma):
   # Scalars hoisted out of the kernel-sized sum: one multiply, no divide, per weight.
   half_precision = 0.5 / tf.square(prior_sigma)
   size = tf.cast(tf.size(loc), tf.float32)
+  log_scale = tf.math.log(scale) if log_scale is None else log_scale
   return (tf.reduce_sum(half_precision * (tf.square(scale) + tf.square(loc))
-                        - tf.math.log(scale))
+                        - log_scale)
           + size * (tf.math.log(prior_sigma) - 0.5))
 
 
-def monte_carlo_kl(w, loc, scale, prior):
+def monte_carlo_kl(w, loc, scale, prior, log_scale=None):
   """Single-sample estimate sum(log q(w) - log p(w)) of KL(q || p).
 
   Unbiased when w ~ q. Pass the weight sample the forward pass used, so the
@@ -232,11 +292,12 @@ def monte_carlo_kl(w, loc, scale, prior):
     loc: posterior means.
     scale: posterior standard deviations.
     prior: an object with an elementwise `log_prob(w)` (e.g. `ScaleMixturePrior`).
+    log_scale: log(scale) if already known; by default it is computed.
 
   Returns:
     A float32 scalar.
   """
-  return tf.reduce_sum(normal_log_prob(w, loc, scale) - prior.log_prob(w))
+  return tf.reduce_sum(normal_log_prob(w, loc, scale, log_scale) - prior.log_prob(w))
 
 
 # ---------------------------------------------------------------------------------
@@ -258,13 +319,14 @@ class _VariationalLayer(tf_keras.layers.Layer):
   and `_sign_shapes(x)` (Flipout's per-example input and output sign shapes).
   """
 
-  def __init__(self, *, estimator, prior, activation, seed, posterior_rho_init, kl,
-               use_bias, salt, kernel_loc_initializer, **kwargs):
+  def __init__(self, *, estimator, prior, activation, seed, posterior_rho_init,
+               posterior_scale, kl, use_bias, salt, kernel_loc_initializer, **kwargs):
     super().__init__(**kwargs)
     if estimator not in ESTIMATORS:
       raise errors.ConfigError(
           f'--bnn_layer={estimator!r} is not known; choose one of: '
           f'{", ".join(ESTIMATORS)}.')
+    _check_posterior_scale(posterior_scale)
     prior = NormalPrior(1.0) if prior is None else prior
     if kl is None:
       kl = 'analytic' if prior.has_analytic_kl else 'monte_carlo'
@@ -295,6 +357,7 @@ class _VariationalLayer(tf_keras.layers.Layer):
     self.seed = seed
     self.salt = seed if salt is None else int(salt)
     self.posterior_rho_init = float(posterior_rho_init)
+    self.posterior_scale = posterior_scale
     self.use_bias = bool(use_bias)
     self.kernel_loc_initializer = (
         tf_keras.initializers.GlorotUniform(seed=seed) if kernel_loc_initializer is None
@@ -318,21 +381,24 @@ class _VariationalLayer(tf_keras.layers.Layer):
 
   @property
   def kernel_scale(self):
-    """The posterior standard deviations softplus(rho) + SCALE_FLOOR, float32."""
-    return softplus_scale(tf.convert_to_tensor(self.kernel_rho))
+    """The posterior standard deviations (float32) of the layer's `posterior_scale`:
+    softplus(rho) + SCALE_FLOOR or exp(rho) (floored); see `posterior_scale()`."""
+    return posterior_scale(self.kernel_rho, self.posterior_scale)[0]
 
-  def analytic_kl(self, scale=None):
+  def analytic_kl(self, scale=None, log_scale=None):
     """Exact KL(q || p) over the kernel for a normal prior (float32 scalar).
 
     Args:
-      scale: `kernel_scale` if already computed (saves a softplus).
+      scale: `kernel_scale` if already computed (saves a softplus or exp).
+      log_scale: log(scale) if already computed (saves a log).
     """
     if not self.prior.has_analytic_kl:
       raise errors.ConfigError(
           f'{type(self.prior).__name__} has no closed-form KL; the Monte Carlo KL '
           f'needs a weight sample: use apply_with_kl(x, noise) with a Noise.')
-    scale = self.kernel_scale if scale is None else scale
-    return analytic_kl_normal(self.kernel_loc, scale, self.prior.sigma)
+    if scale is None:
+      scale, log_scale = posterior_scale(self.kernel_rho, self.posterior_scale)
+    return analytic_kl_normal(self.kernel_loc, scale, self.prior.sigma, log_scale)
 
   def apply_with_kl(self, inputs, noise):
     """(outputs, kl) for one call; see the module docstring.
@@ -358,7 +424,8 @@ class _VariationalLayer(tf_keras.layers.Layer):
       if return_kl:
         kl = self.analytic_kl()
     else:
-      scale = softplus_scale(tf.convert_to_tensor(self.kernel_rho))
+      # Once per call: the KL reuses log_scale (free for 'exp').
+      scale, log_scale = posterior_scale(self.kernel_rho, self.posterior_scale)
       noise = noise.fold(self.salt)
       w = None
       if self.estimator == 'reparameterization':
@@ -384,9 +451,9 @@ class _VariationalLayer(tf_keras.layers.Layer):
         outputs = mean + tf.cast(std * eps, compute_dtype)
       if return_kl:
         if self.kl_method == 'analytic':
-          kl = analytic_kl_normal(loc, scale, self.prior.sigma)
+          kl = analytic_kl_normal(loc, scale, self.prior.sigma, log_scale)
         else:
-          kl = monte_carlo_kl(w, loc, scale, self.prior)
+          kl = monte_carlo_kl(w, loc, scale, self.prior, log_scale)
     if self.bias is not None:
       outputs = tf.nn.bias_add(outputs, tf.cast(self.bias, compute_dtype))
     if self.activation is not None:
@@ -416,7 +483,10 @@ class VariationalDense(_VariationalLayer):
     seed: int; seeds the loc initializer and, unless `salt` is given, is the salt
       folded into the step's Noise, so layers need distinct seeds to get
       independent noise.
-    posterior_rho_init: initial rho of every weight; -5.0 gives scale 0.0067.
+    posterior_rho_init: initial rho of every weight; -5.0 gives scale 0.0067
+      (softplus(-5) + floor, or exp(-5) for posterior_scale='exp').
+    posterior_scale: how rho maps to the scale: 'softplus' or 'exp' (rho is
+      log(sigma); cheaper); see `posterior_scale()`.
     kl: 'analytic' or 'monte_carlo'; None picks analytic for a normal prior and
       Monte Carlo for the scale mixture.
     use_bias: whether to add a (deterministic) bias.
@@ -426,10 +496,12 @@ class VariationalDense(_VariationalLayer):
   """
 
   def __init__(self, units, *, estimator='reparameterization', prior=None,
-               activation=None, seed, posterior_rho_init=-5.0, kl=None, use_bias=True,
-               salt=None, kernel_loc_initializer=None, **kwargs):
+               activation=None, seed, posterior_rho_init=-5.0,
+               posterior_scale='softplus', kl=None, use_bias=True, salt=None,
+               kernel_loc_initializer=None, **kwargs):
     super().__init__(estimator=estimator, prior=prior, activation=activation, seed=seed,
-                     posterior_rho_init=posterior_rho_init, kl=kl, use_bias=use_bias,
+                     posterior_rho_init=posterior_rho_init,
+                     posterior_scale=posterior_scale, kl=kl, use_bias=use_bias,
                      salt=salt, kernel_loc_initializer=kernel_loc_initializer, **kwargs)
     self.units = int(units)
     self.input_spec = tf_keras.layers.InputSpec(ndim=2)
@@ -467,16 +539,17 @@ class VariationalConv2D(_VariationalLayer):
     kernel_size: int or (kh, kw).
     strides: int or (sh, sw).
     padding: 'same' or 'valid' (any case).
-    estimator, prior, activation, seed, posterior_rho_init, kl, use_bias, salt,
-    kernel_loc_initializer, **kwargs: as for `VariationalDense`.
+    estimator, prior, activation, seed, posterior_rho_init, posterior_scale, kl,
+    use_bias, salt, kernel_loc_initializer, **kwargs: as for `VariationalDense`.
   """
 
   def __init__(self, filters, kernel_size, strides=1, padding='valid', *,
                estimator='reparameterization', prior=None, activation=None, seed,
-               posterior_rho_init=-5.0, kl=None, use_bias=True, salt=None,
-               kernel_loc_initializer=None, **kwargs):
+               posterior_rho_init=-5.0, posterior_scale='softplus', kl=None,
+               use_bias=True, salt=None, kernel_loc_initializer=None, **kwargs):
     super().__init__(estimator=estimator, prior=prior, activation=activation, seed=seed,
-                     posterior_rho_init=posterior_rho_init, kl=kl, use_bias=use_bias,
+                     posterior_rho_init=posterior_rho_init,
+                     posterior_scale=posterior_scale, kl=kl, use_bias=use_bias,
                      salt=salt, kernel_loc_initializer=kernel_loc_initializer, **kwargs)
     pair = lambda v: (int(v), int(v)) if isinstance(v, int) else tuple(int(i) for i in v)
     self.filters = int(filters)

@@ -9,6 +9,7 @@ import json
 import os
 import re
 
+from absl.testing import flagsaver
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -164,3 +165,18 @@ def test_a_bad_list_entry_names_the_flag(parsed_flags):
   finally:
     parsed_flags.hidden_sizes = saved
   assert flag_lib.model_options(bnn.BNNConfig).hidden_sizes == (400, 400)
+
+
+def test_posterior_scale_flag_reaches_bnn_config(parsed_flags):
+  """--posterior_scale maps into BNNConfig like --posterior_rho_init, and a value
+  outside variational.POSTERIOR_SCALES is refused by BNNConfig naming the flag."""
+  from models import variational  # pylint: disable=import-outside-toplevel
+  assert parsed_flags['posterior_scale'].default == 'softplus'
+  with flagsaver.flagsaver(posterior_scale='exp', posterior_rho_init=-4.0):
+    options = flag_lib.model_options(bnn.BNNConfig)
+    assert options.posterior_scale == 'exp' and options.posterior_rho_init == -4.0
+    assert options.posterior_scale in variational.POSTERIOR_SCALES
+  with flagsaver.flagsaver(posterior_scale='sigmoid'):
+    with pytest.raises(errors.ConfigError, match="--posterior_scale='sigmoid'"):
+      flag_lib.model_options(bnn.BNNConfig)
+  assert flag_lib.model_options(bnn.BNNConfig) == bnn.BNNConfig()

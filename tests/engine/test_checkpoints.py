@@ -14,6 +14,7 @@ from engine import checkpoints
 from engine import config as config_lib
 from engine import controller
 from engine import errors
+from models import bnn
 from models import vae
 
 
@@ -166,6 +167,69 @@ def test_record_is_json_of_the_config(tmp_path):
   checkpoints.check_and_record_config(str(tmp_path), config_lib.to_dict(config))
   assert _recorded(tmp_path) == config_lib.to_dict(config)
   assert os.listdir(tmp_path) == [checkpoints.CONFIG_FILE]
+
+
+# The BNN's posterior_scale: it changes what the saved rho variables mean.
+
+
+def _bnn_config(model_dir, posterior_scale='softplus', train_steps=1):
+  return config_lib.ExperimentConfig(
+      model='bnn',
+      model_options=bnn.BNNConfig(hidden_sizes=(8,), posterior_scale=posterior_scale),
+      data=config_lib.DataConfig(dataset='synthetic', synthetic_train_size=64,
+                                 synthetic_test_size=16),
+      train=config_lib.TrainConfig(
+          model_dir=str(model_dir), train_steps=train_steps, batch_size=16,
+          steps_per_loop=1, eval_every=1, checkpoint_every=1, jit_compile=False,
+          eval_batch_size=16, eval_iw_samples=0))
+
+
+def _saved_bnn_dir(model_dir, posterior_scale='softplus'):
+  exp = _build(_bnn_config(model_dir, posterior_scale))
+  exp.step.assign(3)
+  exp.manager.save(checkpoint_number=3)
+
+
+def _drop_recorded_posterior_scale(model_dir):
+  """Rewrites config.json as a run recorded before --posterior_scale existed."""
+  recorded = _recorded(model_dir)
+  del recorded['model_options']['posterior_scale']
+  with open(os.path.join(model_dir, checkpoints.CONFIG_FILE), 'w') as f:
+    json.dump(recorded, f)
+
+
+@pytest.mark.parametrize('saved,resumed', [('softplus', 'exp'), ('exp', 'softplus')])
+def test_a_bnn_run_cannot_resume_with_another_posterior_scale(tmp_path, saved, resumed):
+  """Switching --posterior_scale on resume is a CheckpointError naming both values;
+  the recorded config and the checkpoint are left as they were, and the same flags
+  still resume."""
+  _saved_bnn_dir(tmp_path, saved)
+  before = _recorded(tmp_path)
+  with pytest.raises(errors.CheckpointError) as info:
+    _build(_bnn_config(tmp_path, resumed))
+  message = str(info.value)
+  assert f'posterior_scale={saved!r} (model_options.posterior_scale)' in message
+  assert f'posterior_scale={resumed!r}' in message
+  assert _recorded(tmp_path) == before
+  assert int(_build(_bnn_config(tmp_path, saved)).step.numpy()) == 3
+
+
+def test_a_bnn_run_recorded_before_posterior_scale_existed_reads_as_softplus(tmp_path):
+  """A config.json without model_options.posterior_scale ran with softplus: it resumes
+  as softplus (and is then recorded with the field), and is refused as exp."""
+  _saved_bnn_dir(tmp_path)
+  _drop_recorded_posterior_scale(tmp_path)
+  exp = _build(_bnn_config(tmp_path, train_steps=5))
+  assert int(exp.step.numpy()) == 3
+  assert _recorded(tmp_path)['model_options']['posterior_scale'] == 'softplus'
+  _drop_recorded_posterior_scale(tmp_path)
+  with pytest.raises(errors.CheckpointError, match="posterior_scale='softplus'"):
+    _build(_bnn_config(tmp_path, 'exp'))
+  # A VAE's model_options has no posterior_scale: nothing is filled in for it.
+  vae_dir = tmp_path / 'vae'
+  checkpoints.check_and_record_config(str(vae_dir), config_lib.to_dict(_config(vae_dir)))
+  checkpoints.check_and_record_config(str(vae_dir), config_lib.to_dict(_config(vae_dir)))
+  assert 'posterior_scale' not in _recorded(vae_dir)['model_options']
 
 
 # Corrupt or partial checkpoints: fall back to the previous one, never a half restore.

@@ -111,6 +111,27 @@ def test_standard_normal_moments_and_tails():
     assert abs(p - tail) < 6 * math.sqrt(tail * (1 - tail) / N), (t, p)
 
 
+def test_normal_from_bits_matches_tf_erfinv_over_the_grid():
+  """Our polynomial erfinv against tf.math.erfinv (float64) on the 23-bit grid.
+
+  Every 97th grid point, plus both ends and the two branches' seam (w = 5).
+  """
+  m = np.concatenate([np.arange(0, 2 ** 23, 97), [0, 1, 2, 2 ** 22 - 1, 2 ** 22,
+                                                  2 ** 23 - 2, 2 ** 23 - 1]])
+  u = (m.astype(np.float64) + 0.5) * 2.0 ** -23
+  seam = 0.5 * (1 - math.sqrt(1 - math.exp(-5.0)))  # 4u(1 - u) = e^-5
+  near = np.round(seam * 2 ** 23 - 0.5) + np.arange(-3, 4)
+  m = np.concatenate([m, near, 2 ** 23 - 1 - near]).astype(np.uint32)
+  ours = sampling.normal_from_bits(tf.constant(m << 9)).numpy().astype(np.float64)
+  x = tf.constant((m.astype(np.float64) + 0.5) * 2.0 ** -22 - 1.0)
+  reference = math.sqrt(2.0) * tf.math.erfinv(x).numpy()
+  np.testing.assert_allclose(ours, reference, rtol=2e-6, atol=1e-6)
+  assert np.all(np.diff(ours[np.argsort(m)]) >= 0)  # monotone in the bits
+  # The low 9 bits are ignored: the draw is a function of the top 23 bits only.
+  np.testing.assert_array_equal(
+      sampling.normal_from_bits(tf.constant(m << 9 | 0x1FF)).numpy(), ours.astype(np.float32))
+
+
 def test_rademacher_signs_are_balanced_and_independent_of_the_normal():
   noise = sampling.Noise(_seed(10, 11))
   s = noise.rademacher([N // 8, 8]).numpy().reshape(-1)

@@ -152,6 +152,27 @@ def test_network_kl_counts_every_kernel_once(layer, architecture):
   np.testing.assert_allclose(kls, sum(per_kernel), rtol=1e-5)
 
 
+@pytest.mark.parametrize('architecture', ['mlp', 'lenet'])
+def test_exp_posterior_scale_reaches_every_layer(architecture):
+  """posterior_scale='exp' is passed to every variational layer: the network KL is
+  the closed form with scale = exp(rho) of every kernel (rho spread over [-2, 0.5],
+  where softplus(rho) is 5-35% smaller, so a layer left on softplus fails)."""
+  sigma = 0.5
+  options = _options(hidden_sizes=(16, 8), architecture=architecture, bnn_layer='flipout',
+                     prior_sigma=sigma, posterior_scale='exp')
+  model, task = _model(options)
+  rng = np.random.RandomState(0)
+  per_kernel = []
+  for layer in model.weight_layers:
+    assert layer.posterior_scale == 'exp'
+    layer.kernel_rho.assign(rng.uniform(-2.0, 0.5, layer.kernel_rho.shape).astype(np.float32))
+    m = layer.kernel_loc.numpy().astype(np.float64)
+    s = np.exp(layer.kernel_rho.numpy().astype(np.float64))
+    per_kernel.append(np.sum(np.log(sigma / s) + (s ** 2 + m ** 2) / (2 * sigma ** 2) - 0.5))
+  _, kl = model.forward(_batch(task, 0, 2)['image'], _noise(1))
+  np.testing.assert_allclose(float(kl), sum(per_kernel), rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------
 # Gradients through the engine.
 
@@ -167,6 +188,31 @@ GRADIENT_CASES = {
     'local_reparameterization_lenet': dict(bnn_layer='local_reparameterization',
                                            architecture='lenet', learn_prior=True),
 }
+
+
+def test_exp_posterior_scale_trains_through_the_engine(tmp_path, default_strategy):
+  """A tiny BNN with posterior_scale='exp' trains a few engine steps: finite loss and
+  KL, every kernel_loc and kernel_rho changed, and the KL measured is the closed
+  form with scale = exp(rho)."""
+  options = _options(hidden_sizes=(16,), bnn_layer='flipout', posterior_scale='exp')
+  exp = controller.build(_experiment_config(tmp_path, options, steps=5), default_strategy)
+  watched = [v for v in exp.model.trainable_variables if 'kernel_' in v.name]
+  assert len(watched) == 4
+  before = [v.numpy() for v in watched]
+  train_loop, iterator = controller.make_train_loop(exp)
+  means, done, bad = train_loop(iterator, tf.constant(5, tf.int64))
+  assert int(done) == 5 and int(bad) == -1
+  assert np.isfinite(float(means['loss'])) and np.isfinite(float(means['kl']))
+  for v, old in zip(watched, before):
+    assert not np.array_equal(v.numpy(), old), f'{v.name} did not change'
+    assert np.all(np.isfinite(v.numpy())), v.name
+  _, kl = exp.model.forward(_batch(exp.task, 0, 2)['image'], _noise(1))
+  expected = sum(
+      np.sum(-np.log(s) + (s ** 2 + m ** 2) / 2.0 - 0.5)
+      for m, s in ((layer.kernel_loc.numpy().astype(np.float64),
+                    np.exp(layer.kernel_rho.numpy().astype(np.float64)))
+                   for layer in exp.model.weight_layers))
+  np.testing.assert_allclose(float(kl), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize('case', sorted(GRADIENT_CASES))
@@ -319,6 +365,7 @@ def test_rotation_regression_reports_rmse_and_interval_coverage(tmp_path, defaul
     (dict(dropout_rate=1.0), '--dropout_rate='),
     (dict(max_angle=200.0), '--max_angle='),
     (dict(posterior_rho_init=float('nan')), '--posterior_rho_init='),
+    (dict(posterior_scale='sigmoid'), "--posterior_scale='sigmoid' is not known"),
     (dict(bnn_layer='local_reparameterization', prior='scale_mixture'),
      '--bnn_layer=local_reparameterization'),
     (dict(task='rotation_regression', train_classes=(0, 1)), '--train_classes'),

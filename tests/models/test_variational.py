@@ -220,6 +220,123 @@ def test_softplus_scale_value_and_gradient():
                              tape.gradient(reference, rho).numpy(), rtol=1e-6, atol=1e-30)
 
 
+def test_exp_posterior_scale_value_and_gradient():
+  """'exp': scale = exp(rho) and log_scale = rho above the floor; below it both are
+  clipped at SCALE_FLOOR with zero gradient; d scale / d rho = scale."""
+  floor = math.log(vl.SCALE_FLOOR)
+  rho = tf.constant([-100.0, floor - 1.0, floor + 0.5, -5.0, -1.0, 0.0, 3.0])
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(rho)
+    scale, log_scale = vl.posterior_scale(rho, 'exp')
+    reference = tf.exp(rho)
+  assert scale.dtype == log_scale.dtype == tf.float32
+  above = rho.numpy() > floor
+  np.testing.assert_allclose(scale.numpy()[above], reference.numpy()[above], rtol=1e-6)
+  np.testing.assert_allclose(scale.numpy()[~above], vl.SCALE_FLOOR, rtol=1e-6)
+  np.testing.assert_array_equal(log_scale.numpy(), np.maximum(rho.numpy(), floor))
+  np.testing.assert_allclose(log_scale.numpy(), np.log(scale.numpy()), rtol=1e-6)
+  grad = tape.gradient(scale, rho).numpy()
+  np.testing.assert_allclose(grad[above], tape.gradient(reference, rho).numpy()[above],
+                             rtol=1e-6)
+  np.testing.assert_array_equal(grad[~above], 0.0)
+  np.testing.assert_array_equal(tape.gradient(log_scale, rho).numpy(), above.astype(float))
+  # -5 gives 0.0067 either way (0.3% apart).
+  np.testing.assert_allclose(float(vl.posterior_scale(tf.constant(-5.0), 'exp')[0]),
+                             float(vl.posterior_scale(tf.constant(-5.0), 'softplus')[0]),
+                             rtol=4e-3)
+
+
+def test_softplus_posterior_scale_is_softplus_scale_and_its_log():
+  rho = tf.constant([-30.0, -5.0, 0.0, 2.0, 40.0])
+  scale, log_scale = vl.posterior_scale(rho, 'softplus')
+  np.testing.assert_array_equal(scale.numpy(), vl.softplus_scale(rho).numpy())
+  np.testing.assert_allclose(log_scale.numpy(), np.log(scale.numpy()), rtol=1e-6)
+  with pytest.raises(errors.ConfigError, match="--posterior_scale='sigmoid'.*softplus, exp"):
+    vl.posterior_scale(rho, 'sigmoid')
+
+
+def test_kl_functions_are_the_same_with_and_without_log_scale():
+  """Passing log_scale = log(scale) changes nothing; the functions do use it (a
+  shifted log_scale shifts the result)."""
+  loc = tf.constant([[0.0, 0.5], [-1.0, 2.0]])
+  scale = tf.constant([[1.0, 0.1], [0.3, 2.0]])
+  log_scale = tf.math.log(scale)
+  x = loc + scale * tf.random.stateless_normal([2, 2], seed=_seed(2))
+  prior = vl.ScaleMixturePrior(1.0, 0.1, 0.5)
+  pairs = [
+      (vl.analytic_kl_normal(loc, scale, 0.7),
+       vl.analytic_kl_normal(loc, scale, 0.7, log_scale=log_scale),
+       vl.analytic_kl_normal(loc, scale, 0.7, log_scale=log_scale + 1.0)),
+      (vl.monte_carlo_kl(x, loc, scale, prior),
+       vl.monte_carlo_kl(x, loc, scale, prior, log_scale=log_scale),
+       vl.monte_carlo_kl(x, loc, scale, prior, log_scale=log_scale + 1.0)),
+      (vl.normal_log_prob(x, loc, scale),
+       vl.normal_log_prob(x, loc, scale, log_scale=log_scale),
+       vl.normal_log_prob(x, loc, scale, log_scale=log_scale + 1.0)),
+  ]
+  for without, with_, shifted in pairs:
+    np.testing.assert_allclose(with_.numpy(), without.numpy(), rtol=1e-6)
+    # The KLs sum over 4 weights: 4 nats less; the log density 1 nat less per entry.
+    np.testing.assert_allclose(shifted.numpy(), without.numpy()
+                               - (4.0 if without.shape == [] else 1.0), rtol=1e-5)
+
+
+@pytest.mark.parametrize('estimator', ESTIMATORS)
+@pytest.mark.parametrize('make', [_dense, _conv], ids=['dense', 'conv'])
+def test_exp_posterior_scale_layer_kl_and_gradients(make, estimator):
+  """posterior_scale='exp': kernel_scale is exp(rho); the step's KL (normal prior,
+  analytic) is the closed form with scale = exp(rho), and its gradient in rho is
+  exp(2 rho) / sigma^2 - 1; the data term reaches loc and rho."""
+  sigma = 0.5
+  x = _inputs([2, 4, 4, 2]) if make is _conv else _inputs([4, 3])
+  layer = _built(make(estimator, prior=vl.NormalPrior(sigma), activation='tanh',
+                      posterior_scale='exp'), x)
+  assert layer.posterior_scale == 'exp'
+  # Scales far from where softplus and exp agree, so the other kind would fail.
+  rho = np.random.RandomState(0).uniform(-2.0, 0.5, layer.kernel_rho.shape)
+  layer.kernel_rho.assign(rho.astype(np.float32))
+  rho = layer.kernel_rho.numpy().astype(np.float64)
+  loc = layer.kernel_loc.numpy().astype(np.float64)
+  s = np.exp(rho)
+  np.testing.assert_allclose(layer.kernel_scale.numpy(), s, rtol=1e-6)
+  target = _inputs(layer.compute_output_shape(x.shape).as_list(), seed=3)
+  with tf.GradientTape(persistent=True) as tape:
+    out, kl = layer.apply_with_kl(x, sampling.Noise(_seed(1)))
+    data_term = tf.reduce_sum(tf.square(out - target))
+  expected = np.sum(np.log(sigma / s) + (s ** 2 + loc ** 2) / (2 * sigma ** 2) - 0.5)
+  np.testing.assert_allclose(kl.numpy(), expected, rtol=1e-5)
+  np.testing.assert_allclose(layer.analytic_kl().numpy(), expected, rtol=1e-5)
+  np.testing.assert_allclose(tape.gradient(kl, layer.kernel_rho).numpy(),
+                             s ** 2 / sigma ** 2 - 1.0, rtol=1e-4, atol=1e-6)
+  for g in tape.gradient(data_term, [layer.kernel_loc, layer.kernel_rho]):
+    assert g is not None
+    g = tf.convert_to_tensor(g).numpy()
+    assert np.all(np.isfinite(g)) and np.any(g != 0)
+
+
+@pytest.mark.parametrize('estimator', ['reparameterization', 'flipout'])
+def test_exp_posterior_scale_monte_carlo_kl(estimator):
+  """posterior_scale='exp' with the scale mixture: the Monte Carlo KL is that of the
+  step's weight sample under N(loc, exp(rho)^2), and it reaches loc and rho."""
+  prior = vl.ScaleMixturePrior(1.0, math.exp(-4.0), 0.5)
+  layer = _dense(estimator, units=4, prior=prior, use_bias=False, posterior_rho_init=-1.0,
+                 posterior_scale='exp')
+  with tf.GradientTape() as tape:
+    out, kl = layer.apply_with_kl(tf.eye(5), sampling.Noise(_seed(9)))
+  grads = tape.gradient(kl, [layer.kernel_loc, layer.kernel_rho])
+  if estimator == 'reparameterization':  # with x = I the output is the weight sample
+    w = out.numpy().astype(np.float64)
+    loc = layer.kernel_loc.numpy().astype(np.float64)
+    s = np.exp(layer.kernel_rho.numpy().astype(np.float64))
+    log_q = -0.5 * ((w - loc) / s) ** 2 - np.log(s) - 0.5 * np.log(2 * np.pi)
+    expected = np.sum(log_q - _np_mixture_log_prob(w, 1.0, math.exp(-4.0), 0.5))
+    np.testing.assert_allclose(kl.numpy(), expected, rtol=1e-4)
+  for g in grads:
+    assert g is not None
+    g = tf.convert_to_tensor(g).numpy()
+    assert np.all(np.isfinite(g)) and np.any(g != 0)
+
+
 # ---------------------------------------------------------------------------------
 # Moments of the three estimators against explicit weight sampling.
 
@@ -458,6 +575,8 @@ def test_posterior_stddevs():
   assert scale.dtype == tf.float32 and scale.shape == (3, 3)
   np.testing.assert_allclose(scale.numpy(), np.log1p(np.exp(-5.0)) + vl.SCALE_FLOOR,
                              rtol=1e-5)
+  layer = _built(_dense(posterior_rho_init=-5.0, posterior_scale='exp'), _inputs([1, 3]))
+  np.testing.assert_allclose(vl.posterior_stddevs(layer).numpy(), np.exp(-5.0), rtol=1e-6)
 
 
 def test_local_reparameterization_with_scale_mixture_is_a_clear_error():
@@ -474,10 +593,16 @@ def test_local_reparameterization_with_scale_mixture_is_a_clear_error():
     (dict(prior=vl.ScaleMixturePrior(), kl='analytic'), 'no closed-form KL'),
     (dict(estimator='bayes'), 'bnn_layer'),
     (dict(kl='exact'), 'kl='),
+    (dict(posterior_scale='sigmoid'), "--posterior_scale='sigmoid' .*softplus, exp"),
 ])
 def test_config_errors(kwargs, match):
   with pytest.raises(errors.ConfigError, match=match):
     _dense(**kwargs)
+
+
+def test_conv_checks_posterior_scale():
+  with pytest.raises(errors.ConfigError, match="--posterior_scale='log'"):
+    _conv(posterior_scale='log')
 
 
 def test_prior_arguments_are_checked():
