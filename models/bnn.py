@@ -75,8 +75,8 @@ class BNNConfig:
       softplus(rho) (-5: 0.0067), or exp(rho) with posterior_scale='exp' (-5:
       0.0067 as well), small so that training starts near a point estimate.
     posterior_scale: how rho maps to the posterior std: 'softplus' (softplus(rho),
-      the default) or 'exp' (rho is log(sigma): cheaper per weight, about 10% faster
-      per step of a variational MLP on CPU). See `variational.posterior_scale`.
+      the default) or 'exp' (rho is log(sigma): cheaper per weight; see
+      `variational.posterior_scale` and benchmarks/RESULTS.md for what it saves).
     kl_schedule: 'uniform' (KL / N per example) or 'blundell'.
     kl_warmup_steps: the KL weight ramps linearly from 0 over these steps.
     num_mc_samples: weight samples per test example for predictions.
