@@ -151,9 +151,12 @@ def test_sigterm_mid_call_saves_at_a_step_boundary_exits_75_and_resumes(tmp_path
       lines.append(line.rstrip('\n'))
       if line.startswith('Training '):
         # Logged before the first call traces (about 2 CPU s); signal once the child
-        # has spent 4 more CPU seconds, i.e. well inside the compiled loop whatever
-        # the machine's load.
-        threading.Thread(target=_sigterm_after_cpu, args=(proc, 4.0), daemon=True).start()
+        # has spent 8 more CPU seconds, i.e. well inside the compiled loop whatever
+        # the machine's load. The wall-clock cap is generous: on a loaded 2-core
+        # machine the child can get a tenth of a core, and a signal before the first
+        # step saves step 0 (correct, but not what this test is about).
+        threading.Thread(target=_sigterm_after_cpu, args=(proc, 8.0),
+                         kwargs=dict(max_wait=TIMEOUT / 2), daemon=True).start()
     code = proc.wait()
   finally:
     killer.cancel()
