@@ -29,7 +29,8 @@ from engine import config as config_lib  # noqa: E402
 
 flags.DEFINE_float('minutes', 5.0, 'Training budget per configuration, in minutes (> 0).')
 flags.DEFINE_list('configs', ['vae', 'iwae50'], 'Configurations to run: '
-                  'vae (default MLP ELBO), iwae50 (IWAE k=50), conv (conv VAE).')
+                  'vae (default MLP ELBO), iwae50 (IWAE k=50), conv (conv VAE), '
+                  'made (autoregressive MADE decoder).')
 flags.DEFINE_integer('steps', 0, 'Fixed step budget per configuration instead of the '
                      'one sized from --minutes (0: size from --minutes). The figures then '
                      'do not depend on other load on the machine.')
@@ -51,6 +52,9 @@ _CONFIGS = {
     'iwae50': dict(objective='iwae', num_iw_samples=50),
     'conv': dict(architecture='conv', encoder_sizes=(512,), decoder_sizes=(512,),
                  kl_warmup_steps=5000),
+    # The default encoder; the decoder is a MADE (two masked layers of 512)
+    # conditioned on z, so each pixel also depends on the pixels before it.
+    'made': dict(decoder='autoregressive', decoder_sizes=(512, 512), kl_warmup_steps=5000),
 }
 
 

@@ -55,6 +55,11 @@ def define_flags():
   flags.DEFINE_integer('latent_dim', 32, 'Latent dimension (> 0).')
   flags.DEFINE_string('posterior', 'diag', 'diag | full_cov (MultivariateNormalTriL).')
   flags.DEFINE_string('likelihood', 'bernoulli', 'bernoulli | gaussian.')
+  flags.DEFINE_string('decoder', 'factorized',
+                      'VAE decoder: factorized (pixels independent given z) | '
+                      'autoregressive (a MADE conditioned on z: each pixel also depends on '
+                      'the pixels before it; --likelihood=bernoulli only; --decoder_sizes '
+                      'are its hidden sizes).')
   flags.DEFINE_float('likelihood_scale', 0.0, 'Gaussian likelihood std (>= 0; 0 learns it).')
   flags.DEFINE_string('objective', 'elbo', 'elbo | iwae.')
   flags.DEFINE_integer('num_iw_samples', 1, 'Samples per example for --objective=iwae (> 0).')

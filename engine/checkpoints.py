@@ -48,7 +48,8 @@ _INCOMPATIBLE = ('model', 'model_options', 'data.dataset', 'train.batch_size', '
 # Filled in only where this run's config has the field: posterior_scale is a field of
 # the BNN's model_options, which a VAE's never has.
 _VALUE_BEFORE_FIELD_EXISTED = {'train.precision': 'float32', 'train.lr_schedule': 'constant',
-                               'model_options.posterior_scale': 'softplus'}
+                               'model_options.posterior_scale': 'softplus',
+                               'model_options.decoder': 'factorized'}
 
 
 def _get(d, dotted):

@@ -19,6 +19,7 @@ from engine import inputs
 from engine import objectives
 from engine import sampling
 from engine import summaries
+from models import made
 
 tfd = tfp.distributions
 tfpl = tfp.layers
@@ -26,6 +27,7 @@ tfpl = tfp.layers
 ARCHITECTURES = ('mlp', 'conv')
 POSTERIORS = ('diag', 'full_cov')
 LIKELIHOODS = ('bernoulli', 'gaussian')
+DECODERS = ('factorized', 'autoregressive')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +38,15 @@ class VAEConfig:
     architecture: 'mlp' or 'conv' (two strided conv layers each way).
     encoder_sizes: hidden sizes of the MLP encoder (the decoder mirrors
       `decoder_sizes`); for 'conv', the size of the dense layer after the convs.
-    decoder_sizes: hidden sizes of the MLP decoder.
+    decoder_sizes: hidden sizes of the MLP decoder (of the MADE for an
+      autoregressive decoder).
     conv_filters: filters of the two conv layers ('conv' only).
     latent_dim: dimension of z.
     posterior: 'diag' (mean-field normal) or 'full_cov' (MultivariateNormalTriL).
     likelihood: 'bernoulli' (binarized pixels) or 'gaussian' (pixels in [0, 1]).
+    decoder: 'factorized' (pixels independent given z: the MLP or deconv decoder)
+      or 'autoregressive' (a MADE conditioned on z, models/made.py: each pixel
+      also depends on the pixels before it; Bernoulli only).
     likelihood_scale: fixed std of the Gaussian likelihood; 0 learns it.
     objective: 'elbo' or 'iwae'.
     num_iw_samples: samples per example for the IWAE objective.
@@ -55,6 +61,7 @@ class VAEConfig:
   latent_dim: int = 32
   posterior: str = 'diag'
   likelihood: str = 'bernoulli'
+  decoder: str = 'factorized'
   likelihood_scale: float = 0.0
   objective: str = 'elbo'
   num_iw_samples: int = 1
@@ -65,6 +72,7 @@ class VAEConfig:
     for name, value, choices in (('architecture', self.architecture, ARCHITECTURES),
                                  ('posterior', self.posterior, POSTERIORS),
                                  ('likelihood', self.likelihood, LIKELIHOODS),
+                                 ('decoder', self.decoder, DECODERS),
                                  ('objective', self.objective, objectives.OBJECTIVES),
                                  ('kl', self.kl, objectives.KL_ESTIMATORS)):
       if value not in choices:
@@ -91,6 +99,11 @@ class VAEConfig:
     if self.likelihood_scale < 0:
       raise errors.ConfigError(
           f'--likelihood_scale={self.likelihood_scale}: must be >= 0 (0 learns the scale).')
+    if self.decoder == 'autoregressive' and self.likelihood != 'bernoulli':
+      raise errors.ConfigError(
+          f'--decoder=autoregressive models binary pixels: it needs '
+          f'--likelihood=bernoulli, not {self.likelihood!r}. Use --decoder=factorized '
+          f'for a Gaussian likelihood.')
     if self.objective == 'iwae' and self.kl_warmup_steps:
       raise errors.ConfigError(
           '--kl_warmup_steps applies to --objective=elbo only; the IWAE bound has no '
@@ -221,8 +234,13 @@ class VAE(tf.Module):
                                  name='encoder_params', dtype='float32'),
            posterior_layer],
         name='encoder')
-    self.decoder = tf_keras.Sequential([tf_keras.Input((d,))] + dec + dec_out,
-                                       name='decoder')
+    if config.decoder == 'autoregressive':
+      self.decoder = made.AutoregressiveDecoder(num_pixels, config.decoder_sizes,
+                                                seed=seed * 1000 + 400, name='decoder')
+      self.decoder(tf.zeros([1, num_pixels]), tf.zeros([1, d]))  # builds the weights
+    else:
+      self.decoder = tf_keras.Sequential([tf_keras.Input((d,))] + dec + dec_out,
+                                         name='decoder')
     if pixel_mean is not None:
       self._init_output_bias(np.asarray(pixel_mean, np.float32))
     self.log_scale = None
@@ -230,8 +248,12 @@ class VAE(tf.Module):
       self.log_scale = tf.Variable(math.log(0.1), name='likelihood_log_scale')
 
   def _init_output_bias(self, pixel_mean):
-    bias = self.decoder.get_layer('decoder_out').bias
-    if self.config.architecture == 'conv':
+    if self.config.decoder == 'autoregressive':
+      bias = self.decoder.out.bias
+      pixel_mean = pixel_mean.reshape(-1)
+    else:
+      bias = self.decoder.get_layer('decoder_out').bias
+    if self.config.architecture == 'conv' and self.config.decoder == 'factorized':
       pixel_mean = pixel_mean.reshape(-1, self.image_shape[-1]).mean(axis=0)
     else:
       pixel_mean = pixel_mean.reshape(-1)
@@ -251,6 +273,8 @@ class VAE(tf.Module):
 
   def likelihood(self, z):
     """p(x | z) for z [..., d]; batch shape = z's leading dims, event = one image."""
+    if self.config.decoder == 'autoregressive':
+      return _AutoregressiveLikelihood(self.decoder, z, self.image_shape)
     lead = tf.shape(z)[:-1]
     flat = tf.reshape(z, [-1, self.config.latent_dim])
     out = self.decoder(flat)
@@ -351,15 +375,56 @@ class VAE(tf.Module):
     return out
 
   def reconstruct(self, x, seed):
-    """Mean of p(x | z) for z ~ q(z | x): images in [0, 1]."""
+    """Images of p(x | z) for z ~ q(z | x), in [0, 1] (see `decode`)."""
     q = self.approx_posterior(x)
     z = self.posterior_sample(q, tf.random.stateless_normal(tf.shape(q.loc), seed=seed))
-    return self.likelihood(z).mean()
+    return self.decode(z, seed)
 
   def sample(self, num, seed):
-    """Mean images of p(x | z) for z drawn from the latent prior."""
+    """Images of p(x | z) for z drawn from the latent prior (see `decode`)."""
     z = self.latent_prior.sample(num, seed=seed)
+    return self.decode(z, seed)
+
+  def decode(self, z, seed):
+    """Images in [0, 1] for latents z [N, d].
+
+    Factorized decoder: the mean of p(x | z). Autoregressive decoder: pixels are
+    drawn one at a time, and the image shows each pixel's probability given the
+    pixels drawn before it (eager only: one network pass per pixel).
+    """
+    if self.config.decoder == 'autoregressive':
+      _, probs = self.decoder.generate(
+          z, tf.random.experimental.stateless_fold_in(seed, 11))
+      return tf.reshape(probs, tf.concat([tf.shape(z)[:1], self.image_shape], axis=0))
     return self.likelihood(z).mean()
+
+
+class _AutoregressiveLikelihood:
+  """p(x | z) of the autoregressive decoder, for z [..., d].
+
+  Batch shape = z's leading dims, event = one image, like the factorized
+  likelihood; `log_prob(x)` broadcasts x [..., H, W, C] and z against each other
+  and evaluates every pixel's conditional in one pass of the decoder.
+  """
+
+  def __init__(self, decoder, z, image_shape):
+    self._decoder = decoder
+    self._z = z
+    self._image_shape = tuple(image_shape)
+
+  def log_prob(self, x):
+    x = tf.cast(x, tf.float32)
+    rank = len(self._image_shape)
+    d = tf.shape(self._z)[-1]
+    batch = tf.broadcast_dynamic_shape(tf.shape(x)[:-rank], tf.shape(self._z)[:-1])
+    num_pixels = int(np.prod(self._image_shape))
+    flat_x = tf.reshape(tf.broadcast_to(x, tf.concat([batch, self._image_shape], 0)),
+                        [-1, num_pixels])
+    flat_z = tf.reshape(tf.broadcast_to(self._z, tf.concat([batch, [d]], 0)), [-1, d])
+    logits = tf.cast(self._decoder(flat_x, flat_z), tf.float32)
+    log_p = -tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=flat_x, logits=logits), axis=-1)
+    return tf.reshape(log_p, batch)
 
 
 Config = VAEConfig

@@ -98,6 +98,7 @@ def failures(tmp_path_factory):
       'batch_size': [*small, '--batch_size=0'],
       'posterior': [*small, '--posterior=foo'],
       'dataset': [*small, '--dataset=nope'],
+      'decoder': [*small, '--decoder=autoregressive', '--likelihood=gaussian'],
       'mnist_without_data_dir': [*small, '--dataset=mnist'],
       'truncated_idx': [*small, '--dataset=idx', f'--data_dir={data_dir}'],
   }
@@ -181,6 +182,7 @@ def test_evaluate_refuses_incompatible_flags(trained):
     ('batch_size', 'error: --batch_size=0'),
     ('posterior', "error: --posterior='foo' is not known"),
     ('dataset', "error: --dataset='nope' is not known"),
+    ('decoder', 'error: --decoder=autoregressive models binary pixels'),
 ])
 def test_bad_flags_exit_2_with_message(failures, case, expected):
   """A bad flag value exits with code 2 and a one-line 'error:' message naming the

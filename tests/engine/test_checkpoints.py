@@ -2,6 +2,7 @@
 unreadable records and mismatched checkpoints are CheckpointErrors, never raw
 stack traces, and a refused run leaves the model dir as it was. A corrupt or
 partial newest checkpoint falls back to the previous one."""
+import dataclasses
 import glob
 import json
 import os
@@ -230,6 +231,24 @@ def test_a_bnn_run_recorded_before_posterior_scale_existed_reads_as_softplus(tmp
   checkpoints.check_and_record_config(str(vae_dir), config_lib.to_dict(_config(vae_dir)))
   checkpoints.check_and_record_config(str(vae_dir), config_lib.to_dict(_config(vae_dir)))
   assert 'posterior_scale' not in _recorded(vae_dir)['model_options']
+
+
+def test_a_vae_run_recorded_before_the_decoder_field_reads_as_factorized(tmp_path):
+  """A config.json without model_options.decoder ran with the factorized decoder: it
+  resumes as factorized, and a resume with --decoder=autoregressive is refused."""
+  _saved_dir(tmp_path, step=7)
+  recorded = _recorded(tmp_path)
+  del recorded['model_options']['decoder']
+  with open(os.path.join(tmp_path, checkpoints.CONFIG_FILE), 'w') as f:
+    json.dump(recorded, f)
+  exp = _build(_config(tmp_path, train_steps=100))
+  assert int(exp.step.numpy()) == 7
+  assert _recorded(tmp_path)['model_options']['decoder'] == 'factorized'
+  config = _config(tmp_path, train_steps=100)
+  config = dataclasses.replace(config, model_options=dataclasses.replace(
+      config.model_options, decoder='autoregressive'))
+  with pytest.raises(errors.CheckpointError, match="decoder='factorized'"):
+    _build(config)
 
 
 # Corrupt or partial checkpoints: fall back to the previous one, never a half restore.
