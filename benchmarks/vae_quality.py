@@ -30,7 +30,8 @@ from engine import config as config_lib  # noqa: E402
 flags.DEFINE_float('minutes', 5.0, 'Training budget per configuration, in minutes (> 0).')
 flags.DEFINE_list('configs', ['vae', 'iwae50'], 'Configurations to run: '
                   'vae (default MLP ELBO), iwae50 (IWAE k=50), conv (conv VAE), '
-                  'made (autoregressive MADE decoder).')
+                  'made (autoregressive MADE decoder), mixture (learned mixture prior), '
+                  'vamp (VampPrior).')
 flags.DEFINE_integer('steps', 0, 'Fixed step budget per configuration instead of the '
                      'one sized from --minutes (0: size from --minutes). The figures then '
                      'do not depend on other load on the machine.')
@@ -55,6 +56,11 @@ _CONFIGS = {
     # The default encoder; the decoder is a MADE (two masked layers of 512)
     # conditioned on z, so each pixel also depends on the pixels before it.
     'made': dict(decoder='autoregressive', decoder_sizes=(512, 512), kl_warmup_steps=5000),
+    # Learned priors (models/latent_priors.py); their rate is a Monte-Carlo estimate.
+    'mixture': dict(latent_prior='mixture', prior_components=100, kl='monte_carlo',
+                    kl_warmup_steps=5000),
+    'vamp': dict(latent_prior='vamp', prior_components=100, kl='monte_carlo',
+                 kl_warmup_steps=5000),
 }
 
 

@@ -64,6 +64,13 @@ def define_flags():
   flags.DEFINE_string('objective', 'elbo', 'elbo | iwae.')
   flags.DEFINE_integer('num_iw_samples', 1, 'Samples per example for --objective=iwae (> 0).')
   flags.DEFINE_string('kl', 'analytic', 'Rate estimator: analytic | monte_carlo | regularizer.')
+  flags.DEFINE_string('latent_prior', 'normal',
+                      'VAE prior p(z): normal (standard normal) | mixture (a learned '
+                      'mixture of --prior_components diagonal Gaussians) | vamp (the '
+                      'VampPrior: a mixture of the posteriors of --prior_components learned '
+                      'pseudo-inputs). mixture and vamp need --kl=monte_carlo.')
+  flags.DEFINE_integer('prior_components', 100,
+                       'Components of --latent_prior=mixture or pseudo-inputs of vamp (> 0).')
   flags.DEFINE_integer('kl_warmup_steps', 0,
                        'Linear KL warm-up steps (>= 0): the VAE rate (ELBO only) or the '
                        "BNN's weight KL ramps from 0 to full weight over these steps.")

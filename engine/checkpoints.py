@@ -49,7 +49,9 @@ _INCOMPATIBLE = ('model', 'model_options', 'data.dataset', 'train.batch_size', '
 # the BNN's model_options, which a VAE's never has.
 _VALUE_BEFORE_FIELD_EXISTED = {'train.precision': 'float32', 'train.lr_schedule': 'constant',
                                'model_options.posterior_scale': 'softplus',
-                               'model_options.decoder': 'factorized'}
+                               'model_options.decoder': 'factorized',
+                               'model_options.latent_prior': 'normal',
+                               'model_options.prior_components': 100}
 
 
 def _get(d, dotted):

@@ -19,6 +19,7 @@ from engine import inputs
 from engine import objectives
 from engine import sampling
 from engine import summaries
+from models import latent_priors
 from models import made
 
 tfd = tfp.distributions
@@ -28,6 +29,7 @@ ARCHITECTURES = ('mlp', 'conv')
 POSTERIORS = ('diag', 'full_cov')
 LIKELIHOODS = ('bernoulli', 'gaussian')
 DECODERS = ('factorized', 'autoregressive')
+LATENT_PRIORS = latent_priors.LATENT_PRIORS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,11 @@ class VAEConfig:
     kl: rate estimator for the ELBO: 'analytic', 'monte_carlo', or 'regularizer'
       (a `tfp.layers.KLDivergenceRegularizer` on the posterior layer; analytic KL).
     kl_warmup_steps: linear KL warm-up length in steps (ELBO only).
+    latent_prior: p(z): 'normal' (standard normal), 'mixture' (a learned mixture
+      of diagonal Gaussians) or 'vamp' (the VampPrior: a mixture of the posteriors
+      of learned pseudo-inputs); see models/latent_priors.py. The learned priors
+      have no closed-form KL: they need kl='monte_carlo'.
+    prior_components: K, the mixture's components or the VampPrior's pseudo-inputs.
   """
   architecture: str = 'mlp'
   encoder_sizes: Tuple[int, ...] = (512, 256)
@@ -67,6 +74,8 @@ class VAEConfig:
   num_iw_samples: int = 1
   kl: str = 'analytic'
   kl_warmup_steps: int = 0
+  latent_prior: str = 'normal'
+  prior_components: int = 100
 
   def __post_init__(self):
     for name, value, choices in (('architecture', self.architecture, ARCHITECTURES),
@@ -74,7 +83,8 @@ class VAEConfig:
                                  ('likelihood', self.likelihood, LIKELIHOODS),
                                  ('decoder', self.decoder, DECODERS),
                                  ('objective', self.objective, objectives.OBJECTIVES),
-                                 ('kl', self.kl, objectives.KL_ESTIMATORS)):
+                                 ('kl', self.kl, objectives.KL_ESTIMATORS),
+                                 ('latent_prior', self.latent_prior, LATENT_PRIORS)):
       if value not in choices:
         raise errors.ConfigError(
             f'--{name}={value!r} is not known; choose one of: {", ".join(choices)}.')
@@ -89,7 +99,7 @@ class VAEConfig:
       raise errors.ConfigError(
           f'--conv_filters={",".join(map(str, self.conv_filters))}: the conv VAE takes '
           f'exactly two filter counts, e.g. 32,64.')
-    for name in ('latent_dim', 'num_iw_samples'):
+    for name in ('latent_dim', 'num_iw_samples', 'prior_components'):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise errors.ConfigError(f'--{name}={value!r}: must be a positive integer.')
@@ -108,6 +118,11 @@ class VAEConfig:
       raise errors.ConfigError(
           '--kl_warmup_steps applies to --objective=elbo only; the IWAE bound has no '
           'separate rate term to warm up. Set --kl_warmup_steps=0.')
+    if self.latent_prior != 'normal' and self.kl != 'monte_carlo':
+      raise errors.ConfigError(
+          f'--kl={self.kl} needs --latent_prior=normal: the KL from q(z|x) to a '
+          f'{self.latent_prior!r} prior has no closed form. Use --kl=monte_carlo (an '
+          f'estimate from the same latent sample).')
     if self.objective == 'elbo' and self.num_iw_samples != 1:
       raise errors.ConfigError(
           f'--num_iw_samples={self.num_iw_samples} needs --objective=iwae '
@@ -152,7 +167,7 @@ class VAE(tf.Module):
   """
 
   def __init__(self, config: VAEConfig, *, image_shape, pixel_mean=None, seed=0,
-               name='vae'):
+               pseudo_inputs=None, name='vae'):
     """Builds the networks.
 
     Args:
@@ -162,6 +177,9 @@ class VAE(tf.Module):
         decoder's output bias starts at its logit (Bernoulli) or value (Gaussian),
         which speeds up early training.
       seed: initialiser seed.
+      pseudo_inputs: [K, H, W, C] images in [0, 1] that start the VampPrior's
+        pseudo-inputs (latent_prior='vamp'; default: K copies of `pixel_mean`, or
+        0.5, with seeded jitter).
       name: module name.
     """
     super().__init__(name=name)
@@ -170,8 +188,17 @@ class VAE(tf.Module):
     h, w, c = self.image_shape
     num_pixels = h * w * c
     d = config.latent_dim
-    self.latent_prior = tfd.MultivariateNormalDiag(
-        loc=tf.zeros([d]), scale_diag=tf.ones([d]), name='latent_prior')
+    # The fixed N(0, I); also the KLDivergenceRegularizer's target.
+    self.latent_prior = latent_priors.standard_normal(d)
+    if config.latent_prior == 'mixture':
+      self.prior = latent_priors.MixturePrior(d, config.prior_components, seed=seed)
+    elif config.latent_prior == 'vamp':
+      if pseudo_inputs is None:
+        pseudo_inputs = _default_pseudo_inputs(config.prior_components, self.image_shape,
+                                               pixel_mean, seed)
+      self.prior = latent_priors.VampPrior(pseudo_inputs)
+    else:
+      self.prior = latent_priors.StandardNormalPrior(d)
 
     # The layer's tensor value is the posterior mean; the reparameterized samples are
     # drawn by `posterior_sample` from step-indexed noise (engine.sampling), so a
@@ -266,6 +293,16 @@ class VAE(tf.Module):
     """q(z | x) for a batch x [B, H, W, C] (a MultivariateNormalLinearOperator)."""
     return self.encoder(x)
 
+  def prior_distribution(self):
+    """p(z) as a distribution, built from the prior's current variables."""
+    return self.prior(self.encoder)
+
+  def rate(self, q, prior, z):
+    """KL(q || p) per example: analytic, or a Monte-Carlo estimate from z ~ q."""
+    if self.config.kl == 'monte_carlo':
+      return objectives.monte_carlo_rate(q, prior, z)
+    return objectives.analytic_rate(q, prior)
+
   @staticmethod
   def posterior_sample(q, eps):
     """Reparameterized z = loc + scale @ eps for standard-normal eps [..., B, d]."""
@@ -338,10 +375,9 @@ class VAE(tf.Module):
     z = self.posterior_sample(q, post_noise.normal([batch, d]))
     distortion = objectives.distortion(self.likelihood(z), x)
     regularization = tf.constant(0.0)
-    if cfg.kl == 'analytic':
-      rate = objectives.analytic_rate(q, self.latent_prior)
-    elif cfg.kl == 'monte_carlo':
-      rate = objectives.monte_carlo_rate(q, self.latent_prior, z)
+    prior = self.prior_distribution()
+    if cfg.kl != 'regularizer':
+      rate = self.rate(q, prior, z)
     else:
       # The regularizer already averaged the KL over this replica's batch; the rate
       # per example is only for measurement.
@@ -352,7 +388,7 @@ class VAE(tf.Module):
     if cfg.objective == 'iwae':
       zk = self.posterior_sample(
           q, iw_noise.normal([cfg.num_iw_samples, batch, d], batch_axis=1))
-      log_w = objectives.log_importance_weights(q, self.latent_prior, self.likelihood, x, zk)
+      log_w = objectives.log_importance_weights(q, prior, self.likelihood, x, zk)
       iwae = objectives.iwae_bound(log_w)
       measurements['iwae'] = iwae
       return -iwae, tf.constant(0.0), measurements
@@ -366,11 +402,15 @@ class VAE(tf.Module):
     q = self.approx_posterior(x)
     z = self.posterior_sample(q, tf.random.stateless_normal(tf.shape(q.loc), seed=post_seed))
     distortion = objectives.distortion(self.likelihood(z), x)
-    rate = objectives.analytic_rate(q, self.latent_prior)
+    prior = self.prior_distribution()
+    # Exact where it exists (the standard normal, whatever the training estimator);
+    # a learned prior's rate is estimated from the same z.
+    rate = (objectives.analytic_rate(q, prior) if self.config.latent_prior == 'normal'
+            else objectives.monte_carlo_rate(q, prior, z))
     out = {'distortion': distortion, 'rate': rate, 'elbo': -(distortion + rate)}
     if iw_samples:
       out['log_likelihood'] = objectives.iw_log_likelihood(
-          q, self.latent_prior, self.likelihood, x, num_samples=iw_samples,
+          q, prior, self.likelihood, x, num_samples=iw_samples,
           chunk_size=min(iw_chunk_size, iw_samples), seed=iw_seed)
     return out
 
@@ -382,7 +422,7 @@ class VAE(tf.Module):
 
   def sample(self, num, seed):
     """Images of p(x | z) for z drawn from the latent prior (see `decode`)."""
-    z = self.latent_prior.sample(num, seed=seed)
+    z = self.prior_distribution().sample(num, seed=seed)
     return self.decode(z, seed)
 
   def decode(self, z, seed):
@@ -397,6 +437,13 @@ class VAE(tf.Module):
           z, tf.random.experimental.stateless_fold_in(seed, 11))
       return tf.reshape(probs, tf.concat([tf.shape(z)[:1], self.image_shape], axis=0))
     return self.likelihood(z).mean()
+
+
+def _default_pseudo_inputs(num, image_shape, pixel_mean, seed):
+  base = np.full(image_shape, 0.5, np.float32) if pixel_mean is None else np.asarray(
+      pixel_mean, np.float32).reshape(image_shape)
+  jitter = np.random.default_rng(seed).uniform(-0.05, 0.05, (num,) + tuple(image_shape))
+  return np.clip(base + jitter, 0.0, 1.0).astype(np.float32)
 
 
 class _AutoregressiveLikelihood:
@@ -449,10 +496,20 @@ def build(config: VAEConfig, *, task_data=None, image_shape=None, pixel_mean=Non
           seed=0, global_batch_size=None):
   """Factory used by the model registry (from TaskData, or explicit shape/mean)."""
   del global_batch_size  # the VAE's loss does not depend on it
+  pseudo_inputs = None
   if task_data is not None:
     image_shape = task_data.image_shape
     pixel_mean = task_data.train_images.astype(np.float32).mean(axis=0) / 255.0
-  return VAE(config, image_shape=image_shape, pixel_mean=pixel_mean, seed=seed)
+    if config.latent_prior == 'vamp':
+      if config.prior_components > task_data.train_images.shape[0]:
+        raise errors.ConfigError(
+            f'--prior_components={config.prior_components}: the VampPrior starts its '
+            f'pseudo-inputs from as many distinct training images, and the data has '
+            f'{task_data.train_images.shape[0]}. Lower --prior_components.')
+      pseudo_inputs = latent_priors.pseudo_input_images(
+          task_data.train_images, config.prior_components, seed)
+  return VAE(config, image_shape=image_shape, pixel_mean=pixel_mean, seed=seed,
+             pseudo_inputs=pseudo_inputs)
 
 
 def evaluate(exp, *, final=True, iw_samples=None, images=None):

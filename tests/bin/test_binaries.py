@@ -99,6 +99,7 @@ def failures(tmp_path_factory):
       'posterior': [*small, '--posterior=foo'],
       'dataset': [*small, '--dataset=nope'],
       'decoder': [*small, '--decoder=autoregressive', '--likelihood=gaussian'],
+      'latent_prior': [*small, '--latent_prior=vamp'],
       'mnist_without_data_dir': [*small, '--dataset=mnist'],
       'truncated_idx': [*small, '--dataset=idx', f'--data_dir={data_dir}'],
   }
@@ -183,6 +184,7 @@ def test_evaluate_refuses_incompatible_flags(trained):
     ('posterior', "error: --posterior='foo' is not known"),
     ('dataset', "error: --dataset='nope' is not known"),
     ('decoder', 'error: --decoder=autoregressive models binary pixels'),
+    ('latent_prior', 'error: --kl=analytic needs --latent_prior=normal'),
 ])
 def test_bad_flags_exit_2_with_message(failures, case, expected):
   """A bad flag value exits with code 2 and a one-line 'error:' message naming the
