@@ -43,7 +43,6 @@ Usage (from the repository root):
   .venv/bin/python benchmarks/bnn_quality.py --dataset=synthetic --minutes=0.2 \
       --configs=det,flipout --num_mc_samples=2                # smoke test
 """
-import ast
 import dataclasses
 import json
 import os
@@ -132,47 +131,6 @@ flags.DEFINE_string('work_dir', '/tmp/elbo_engine/bnn_quality', 'Where runs are 
                     '(each config in WORK_DIR/TASK/NAME, removed first).')
 flags.DEFINE_string('output', '/tmp/bnn_quality.json', 'JSON file of all results '
                     '(rewritten after every configuration).')
-
-
-def _parse_value(text):
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-  return tuple(value) if isinstance(value, list) else value
-
-
-def _split_top_level(body):
-  """Splits at commas outside brackets: 'a:1,b:(1,2)' -> ['a:1', 'b:(1,2)']."""
-  parts, depth, current = [], 0, ''
-  for char in body:
-    depth += char in '(['
-    depth -= char in ')]'
-    if char == ',' and depth == 0:
-      parts.append(current)
-      current = ''
-    else:
-      current += char
-  return parts + [current]
-
-
-def parse_defines(defines):
-  """{name: overrides} from --define NAME=FIELD:VALUE,FIELD:VALUE."""
-  fields = {f.name for f in dataclasses.fields(bnn_lib.BNNConfig)}
-  out = {}
-  for item in defines:
-    name, sep, body = item.partition('=')
-    if not sep or not name:
-      raise app.UsageError(f'--define={item!r}: expected NAME=FIELD:VALUE,...')
-    overrides = dict(_FLIPOUT)
-    for part in filter(None, (p.strip() for p in _split_top_level(body))):
-      key, sep, value = part.partition(':')
-      if not sep or key not in fields:
-        raise app.UsageError(f'--define={item!r}: {part!r} is not FIELD:VALUE with a '
-                             f'BNNConfig field ({", ".join(sorted(fields))}).')
-      overrides[key] = _parse_value(value)
-    out[name] = overrides
-  return out
 
 
 def make_config(overrides, data, model_dir, train_steps):
@@ -354,7 +312,7 @@ def main(argv):
                          'in an earlier run) instead of --minutes.')
   budget = _budget()
   configs = dict(CONFIGS)
-  defined = parse_defines(FLAGS.define)
+  defined = common.parse_defines(FLAGS.define, bnn_lib.BNNConfig, _FLIPOUT)
   configs.update(defined)
   if FLAGS['configs'].present:
     names = FLAGS.configs

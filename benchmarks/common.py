@@ -4,6 +4,8 @@ Import after the repository root is on sys.path (each script puts it there):
 
   from benchmarks import common
 """
+import ast
+import dataclasses
 import datetime
 import logging
 import os
@@ -211,3 +213,54 @@ def format_table(header, rows):
   sep = '|' + '|'.join('-' * (w + 1) + ('-' if i == 0 else ':')
                        for i, w in enumerate(widths)) + '|'
   return '\n'.join([line(header), sep] + [line(r) for r in rows])
+
+
+# --------------------------------------------------------------------------- --define
+
+
+def _parse_value(text):
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  return tuple(value) if isinstance(value, list) else value
+
+
+def _split_top_level(body):
+  """Splits at commas outside brackets: 'a:1,b:(1,2)' -> ['a:1', 'b:(1,2)']."""
+  parts, depth, current = [], 0, ''
+  for char in body:
+    depth += char in '(['
+    depth -= char in ')]'
+    if char == ',' and depth == 0:
+      parts.append(current)
+      current = ''
+    else:
+      current += char
+  return parts + [current]
+
+
+def parse_defines(defines, options_cls, base):
+  """{name: overrides} from --define NAME=FIELD:VALUE,FIELD:VALUE.
+
+  Args:
+    defines: the flag's values.
+    options_cls: the model's options dataclass; FIELD must be one of its fields.
+    base: the overrides every defined configuration starts from.
+  """
+  from absl import app  # pylint: disable=import-outside-toplevel
+  fields = {f.name for f in dataclasses.fields(options_cls)}
+  out = {}
+  for item in defines:
+    name, sep, body = item.partition('=')
+    if not sep or not name:
+      raise app.UsageError(f'--define={item!r}: expected NAME=FIELD:VALUE,...')
+    overrides = dict(base)
+    for part in filter(None, (p.strip() for p in _split_top_level(body))):
+      key, sep, value = part.partition(':')
+      if not sep or key not in fields:
+        raise app.UsageError(f'--define={item!r}: {part!r} is not FIELD:VALUE with a '
+                             f'{options_cls.__name__} field ({", ".join(sorted(fields))}).')
+      overrides[key] = _parse_value(value)
+    out[name] = overrides
+  return out

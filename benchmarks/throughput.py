@@ -52,6 +52,7 @@ from engine import controller
 from engine import datasets
 from engine import distribute
 from engine import inputs
+from engine import loop as loop_lib
 from engine import objectives
 from engine import sampling
 import models
@@ -121,6 +122,38 @@ def measure_peak_matmul(size, trials):
     matmul(a, b).numpy()
     best = min(best, time.perf_counter() - tic)
   return 2.0 * size ** 3 / best
+
+
+def measure_loop_overhead(data, batch_size, keys, *, steps=20000):
+  """Microseconds per step of the engine's compiled loop around an empty step.
+
+  The same `TrainLoop` as the engine variants (in-memory input and its epoch
+  permutation, the stop flag read every step, the step counter, the measurement
+  sums and the finiteness check), with an XLA replica step that does no training:
+  what the engine adds per step to the model's own step.
+  """
+  strategy = distribute.make_strategy('default')
+  train_input = inputs.make_train_input(
+      'in_memory', data.train_images, strategy=strategy, global_batch_size=batch_size,
+      seed=FLAGS.seed, binarize=True)
+  counter = tf.Variable(0, dtype=tf.int64)
+  stop = tf.Variable(False)
+
+  def empty_step(indices, step, measure):
+    del measure
+    value = tf.cast(tf.reduce_sum(indices[:1]) + tf.cast(step, tf.int32) * 0, tf.float32)
+    return {k: value for k in keys}
+
+  train_loop = loop_lib.TrainLoop(empty_step, train_input, strategy=strategy,
+                                  step_counter=counter, measurement_keys=keys,
+                                  jit_compile=True, stop_requested=stop)
+  float(train_loop(None, tf.constant(500, tf.int64))[0]['loss'])  # trace and compile
+  best = float('inf')
+  for _ in range(3):
+    tic = time.perf_counter()
+    float(train_loop(None, tf.constant(steps, tf.int64))[0]['loss'])
+    best = min(best, (time.perf_counter() - tic) / steps)
+  return best * 1e6
 
 
 # --------------------------------------------------------------------------- inputs
@@ -483,6 +516,15 @@ def main(argv):
     print('Engine batch-size sweep:')
     print(format_table(['variant', 'batch', 'examples/sec (median)', 'GFLOP/s',
                         '% of peak'], rows))
+  engine_xla = [v for v in main_rows if v.name == 'engine_xla']
+  if engine_xla:
+    keys = ('loss', 'grad_norm') + tuple(engine_xla[0].model.measurement_keys)
+    overhead = measure_loop_overhead(data, FLAGS.batch_size, keys)
+    step_us = 1e6 * FLAGS.batch_size / median[id(engine_xla[0])]
+    print()
+    print(f'engine loop overhead (TrainLoop around an empty XLA step, best of 3 x 20,000 '
+          f'steps): {overhead:.1f} us/step, {100 * overhead / step_us:.1f}% of '
+          f"engine_xla's {step_us:.0f} us step at batch {FLAGS.batch_size}")
   print()
   print(f'total wall time: {time.perf_counter() - wall_start:.0f} s')
 

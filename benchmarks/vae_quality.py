@@ -8,6 +8,11 @@ reports the importance-sampled test NLL in nats (k = --eval_iw_samples, full tes
 set, fixed test binarization) with its standard error over test examples.
 
   .venv/bin/python benchmarks/vae_quality.py --minutes=60 --configs=vae,iwae50
+  .venv/bin/python benchmarks/vae_quality.py --steps=150000 --lr_schedule=cosine \
+      --define=wide=encoder_sizes:(1024,512),decoder_sizes:(512,1024)
+
+--define=NAME=FIELD:VALUE,... adds a configuration of VAEConfig fields over the
+default VAE; --batch_size and --learning_rate apply to every configuration of a run.
 
 Long runs survive preemption: on SIGTERM the engine saves a checkpoint and this
 script exits with code 75; rerunning the same command with `--resume` continues
@@ -25,6 +30,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from engine import config as config_lib  # noqa: E402
 
 flags.DEFINE_float('minutes', 5.0, 'Training budget per configuration, in minutes (> 0).')
@@ -39,6 +45,11 @@ flags.DEFINE_enum('lr_schedule', 'constant', list(config_lib.LR_SCHEDULES),
                   'Learning-rate schedule (engine/schedules.py), over the whole budget.')
 flags.DEFINE_float('lr_final_fraction', 0.0, 'Last rate of the cosine schedule, as a '
                    'fraction of the first.')
+flags.DEFINE_multi_string('define', [], 'Extra configuration NAME=FIELD:VALUE,... of '
+                          'VAEConfig fields over the default VAE (repeatable).')
+flags.DEFINE_integer('batch_size', 128, 'Global batch size of every configuration.')
+flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate (the peak of a cosine '
+                   'schedule) of every configuration.')
 flags.DEFINE_string('dataset', 'fashion_mnist', 'Data set name.')
 flags.DEFINE_integer('eval_iw_samples', 1000, 'Importance samples for log p(x) (>= 1000 '
                      'for reported figures).')
@@ -72,6 +83,7 @@ def _config(name, train_steps, model_dir):
       data=config_lib.DataConfig(dataset=FLAGS.dataset),
       train=config_lib.TrainConfig(
           model_dir=model_dir, train_steps=train_steps, steps_per_loop=500,
+          batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
           lr_schedule=FLAGS.lr_schedule, lr_final_fraction=FLAGS.lr_final_fraction,
           eval_every=10**9 // 500 * 500, checkpoint_every=10**9 // 500 * 500,
           eval_iw_samples=FLAGS.eval_iw_samples))
@@ -87,7 +99,7 @@ def _steps_for_budget(name, strategy, data):
   probe = dataclasses.replace(
       probe, train=dataclasses.replace(probe.train, eval_iw_samples=0))
   m = controller.train(probe, strategy, data=data, log=lambda s: None)
-  steps = int(FLAGS.minutes * 60 * m['train_examples_per_sec'] / 128) // 500 * 500
+  steps = int(FLAGS.minutes * 60 * m['train_examples_per_sec'] / FLAGS.batch_size) // 500 * 500
   return max(steps, 500)
 
 
@@ -105,12 +117,16 @@ def main(argv):
   from engine import preemption
   strategy = distribute.make_strategy('default')
   data = controller.load_data(_config('vae', 1, '/tmp/x').data, 0)
-  print(f'learning rate: 1e-3, {FLAGS.lr_schedule}'
+  from models import vae
+  defined = common.parse_defines(FLAGS.define, vae.VAEConfig, {})
+  _CONFIGS.update(defined)
+  names = FLAGS.configs if FLAGS['configs'].present or not defined else list(defined)
+  print(f'batch {FLAGS.batch_size}; learning rate: {FLAGS.learning_rate:g}, {FLAGS.lr_schedule}'
         + (f' to x{FLAGS.lr_final_fraction:g}' if FLAGS.lr_schedule != 'constant' else '')
         + (f'; {FLAGS.steps} steps per config' if FLAGS.steps
            else f'; {FLAGS.minutes:g} min per config (sized from a burn-in)'), flush=True)
   rows = []
-  for name in FLAGS.configs:
+  for name in names:
     if name not in _CONFIGS:
       raise app.UsageError(f'--configs: unknown {name!r}; known: {", ".join(_CONFIGS)}')
     steps = FLAGS.steps or _steps_for_budget(name, strategy, data)
@@ -128,7 +144,7 @@ def main(argv):
             f'continue from {checkpoints}.', flush=True)
       sys.exit(preemption.EXIT_PREEMPTED)
     total = time.perf_counter() - tic
-    epochs = steps * 128 / data.num_train
+    epochs = steps * FLAGS.batch_size / data.num_train
     rows.append((name, steps, epochs, total / 60, metrics['elbo'], metrics['nll'],
                  metrics['log_likelihood_stderr']))
   print()

@@ -16,7 +16,15 @@ Neither has a closed-form KL against q(z | x): the rate is estimated by Monte
 Carlo from the step's own latent sample (`engine.objectives.monte_carlo_rate`).
 Each prior is rebuilt from its variables on every call, so it is always current
 inside a compiled step.
+
+Diagonal mixtures are `DiagonalGaussianMixture`, whose log-density is written out
+as one expression over [..., K, d] instead of going through
+`tfd.MixtureSameFamily(tfd.MultivariateNormalDiag)`: the same value (a test checks
+it), but XLA fuses it into one loop, and the TFP form made a training step with
+K = 100 about twice as slow as the standard-normal step on the 2-core CPU.
 """
+import math
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -37,6 +45,45 @@ def standard_normal(latent_dim):
   """N(0, I) over R^latent_dim."""
   return tfd.MultivariateNormalDiag(loc=tf.zeros([latent_dim]),
                                     scale_diag=tf.ones([latent_dim]), name='latent_prior')
+
+
+def diagonal_mixture_log_prob(z, mixture_logits, locs, scales):
+  """log sum_k pi_k N(z; locs_k, diag(scales_k^2)) for z [..., d]; returns [...].
+
+  Args:
+    z: points [..., d].
+    mixture_logits: [K] unnormalised log weights.
+    locs, scales: [K, d] component means and standard deviations.
+  """
+  d = tf.cast(tf.shape(locs)[-1], z.dtype)
+  standardized = (z[..., None, :] - locs) / scales  # [..., K, d]
+  component = (-0.5 * tf.reduce_sum(tf.square(standardized), axis=-1)
+               - tf.reduce_sum(tf.math.log(scales), axis=-1)
+               - 0.5 * d * math.log(2 * math.pi))  # [..., K]
+  return tf.reduce_logsumexp(tf.nn.log_softmax(mixture_logits) + component, axis=-1)
+
+
+class DiagonalGaussianMixture:
+  """A mixture of K diagonal Gaussians over R^d: `log_prob` and seeded `sample`.
+
+  The part of the `tfd.Distribution` interface the VAE uses for p(z).
+  """
+
+  def __init__(self, mixture_logits, locs, scales):
+    self.mixture_logits = mixture_logits
+    self.locs = locs
+    self.scales = scales
+
+  def log_prob(self, z):
+    return diagonal_mixture_log_prob(z, self.mixture_logits, self.locs, self.scales)
+
+  def sample(self, num, seed):
+    """[num, d] draws for a stateless seed (int32 [2])."""
+    component_seed, normal_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    k = tf.random.stateless_categorical(self.mixture_logits[None], num,
+                                        seed=component_seed)[0]
+    eps = tf.random.stateless_normal([num, tf.shape(self.locs)[-1]], seed=normal_seed)
+    return tf.gather(self.locs, k) + tf.gather(self.scales, k) * eps
 
 
 class StandardNormalPrior(tf.Module):
@@ -69,10 +116,8 @@ class MixturePrior(tf.Module):
 
   def __call__(self, encoder=None):
     del encoder
-    components = tfd.MultivariateNormalDiag(
-        loc=self.locs, scale_diag=tf.math.softplus(self.raw_scales) + 1e-5)
-    return tfd.MixtureSameFamily(tfd.Categorical(logits=self.logits), components,
-                                 name='latent_prior')
+    return DiagonalGaussianMixture(self.logits, self.locs,
+                                   tf.math.softplus(self.raw_scales) + 1e-5)
 
 
 class VampPrior(tf.Module):
@@ -82,8 +127,11 @@ class VampPrior(tf.Module):
   (0, 1) through a sigmoid; calling the prior runs the encoder on them once.
   """
 
-  def __init__(self, initial_images, *, name='latent_prior'):
+  def __init__(self, initial_images, *, diagonal=True, name='latent_prior'):
+    """Args: initial_images: [K, H, W, C] in [0, 1]; diagonal: the encoder's posterior
+    is a diagonal Gaussian (else full covariance, mixed through TFP)."""
     super().__init__(name=name)
+    self._diagonal = diagonal
     images = np.clip(np.asarray(initial_images, np.float32), _PSEUDO_CLIP, 1 - _PSEUDO_CLIP)
     self.pseudo_logits = tf.Variable(np.log(images) - np.log1p(-images),
                                      name='pseudo_input_logits')
@@ -95,8 +143,12 @@ class VampPrior(tf.Module):
 
   def __call__(self, encoder):
     components = encoder(self.pseudo_inputs)
-    num = tf.shape(self.pseudo_logits)[0]
-    return tfd.MixtureSameFamily(tfd.Categorical(logits=tf.zeros([num])), components,
+    logits = tf.zeros(tf.shape(self.pseudo_logits)[:1])
+    if self._diagonal:
+      return DiagonalGaussianMixture(logits, components.loc,
+                                     components.scale.diag_part())
+    # A full-covariance posterior: components with correlated scales.
+    return tfd.MixtureSameFamily(tfd.Categorical(logits=logits), components,
                                  name='latent_prior')
 
 

@@ -196,7 +196,7 @@ class VAE(tf.Module):
       if pseudo_inputs is None:
         pseudo_inputs = _default_pseudo_inputs(config.prior_components, self.image_shape,
                                                pixel_mean, seed)
-      self.prior = latent_priors.VampPrior(pseudo_inputs)
+      self.prior = latent_priors.VampPrior(pseudo_inputs, diagonal=config.posterior == 'diag')
     else:
       self.prior = latent_priors.StandardNormalPrior(d)
 

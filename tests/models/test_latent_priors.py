@@ -44,6 +44,37 @@ def test_mixture_prior_log_prob_is_the_weighted_sum_of_its_components():
   np.testing.assert_allclose(got, _logsumexp(log_pi + per_component, 1), rtol=1e-5)
 
 
+def test_diagonal_mixture_matches_tfp_mixture_same_family():
+  """The written-out log-density equals TFP's, for z with extra leading axes."""
+  import tensorflow_probability as tfp  # pylint: disable=import-outside-toplevel
+  tfd = tfp.distributions
+  rng = np.random.default_rng(3)
+  logits = tf.constant(rng.normal(size=[5]), tf.float32)
+  locs = tf.constant(rng.normal(size=[5, 4]), tf.float32)
+  scales = tf.constant(rng.uniform(0.05, 2.0, size=[5, 4]), tf.float32)
+  z = tf.constant(rng.normal(size=[3, 7, 4]) * 2, tf.float32)
+  reference = tfd.MixtureSameFamily(tfd.Categorical(logits=logits),
+                                    tfd.MultivariateNormalDiag(locs, scales)).log_prob(z)
+  got = latent_priors.diagonal_mixture_log_prob(z, logits, locs, scales)
+  assert got.shape == (3, 7)
+  np.testing.assert_allclose(got.numpy(), reference.numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_diagonal_mixture_samples_have_the_mixture_moments():
+  logits = tf.math.log(tf.constant([0.2, 0.8]))
+  locs = tf.constant([[-3.0, 0.0], [2.0, 1.0]])
+  scales = tf.constant([[0.5, 1.0], [1.0, 0.1]])
+  mixture = latent_priors.DiagonalGaussianMixture(logits, locs, scales)
+  z = mixture.sample(40000, tf.constant([1, 2])).numpy()
+  np.testing.assert_array_equal(z, mixture.sample(40000, tf.constant([1, 2])).numpy())
+  mean = 0.2 * locs.numpy()[0] + 0.8 * locs.numpy()[1]
+  second = (0.2 * (locs.numpy()[0] ** 2 + scales.numpy()[0] ** 2)
+            + 0.8 * (locs.numpy()[1] ** 2 + scales.numpy()[1] ** 2))
+  np.testing.assert_allclose(z.mean(0), mean, atol=0.05)
+  np.testing.assert_allclose(z.var(0), second - mean ** 2, rtol=0.03)
+  assert abs(np.mean(z[:, 0] < -0.5) - 0.2) < 0.01
+
+
 def test_one_component_mixture_at_the_origin_is_the_standard_normal():
   prior = latent_priors.MixturePrior(3, 1)
   prior.locs.assign(tf.zeros([1, 3]))
@@ -65,6 +96,20 @@ def test_vamp_prior_is_the_uniform_mixture_of_the_pseudo_input_posteriors():
       [model.approx_posterior(u[k:k + 1]).log_prob(z).numpy() for k in range(4)], axis=1)
   np.testing.assert_allclose(got, _logsumexp(per_component, 1) - np.log(4), rtol=1e-5)
   assert np.all((u.numpy() > 0) & (u.numpy() < 1))
+
+
+def test_vamp_prior_with_full_covariance_posteriors():
+  """With MultivariateNormalTriL posteriors the components keep their correlations."""
+  model = vae.VAE(vae.VAEConfig(encoder_sizes=(16,), decoder_sizes=(16,), latent_dim=3,
+                                latent_prior='vamp', prior_components=4, kl='monte_carlo',
+                                posterior='full_cov'),
+                  image_shape=(8, 8, 1), seed=0)
+  z = tf.random.stateless_normal([5, 3], seed=[3, 4])
+  u = model.prior.pseudo_inputs
+  per_component = np.stack(
+      [model.approx_posterior(u[k:k + 1]).log_prob(z).numpy() for k in range(4)], axis=1)
+  np.testing.assert_allclose(model.prior_distribution().log_prob(z).numpy(),
+                             _logsumexp(per_component, 1) - np.log(4), rtol=1e-5)
 
 
 def test_pseudo_input_images_are_distinct_seeded_training_images():
