@@ -316,6 +316,13 @@ def _train(exp, *, log, watcher):
   if profiling:
     tf.profiler.experimental.stop()
 
+  writers.flush()
+  if watcher is not None:
+    # The final checkpoint is on disk and the evaluation writes nothing until it
+    # ends: a SIGTERM from here on exits at once (75), and the rerun evaluates only.
+    watcher.exit_on_request(f'the final evaluation was cut short; checkpoint '
+                            f'{exp.manager.latest_checkpoint} (step {current}) is saved, '
+                            f'and rerunning the same command only evaluates.')
   log(f'Final evaluation on {exp.task.test_images.shape[0]} test examples...')
   metrics = evaluate(exp, final=True)
   image_paths = pop_images(exp, metrics, writers, current)

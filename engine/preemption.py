@@ -59,6 +59,12 @@ rules, e.g. a Kubernetes Job podFailurePolicy `onExitCodes: {values: [75]}` with
 action Ignore (not counted against backoffLimit), or a Slurm wrapper that runs
 `scontrol requeue` on 75.
 
+After the last checkpoint (the final evaluation, which has no step boundary and
+writes nothing until it ends) the controller calls `exit_on_request()`: a SIGTERM
+then ends the process at once with EXIT_PREEMPTED, and the rerun, which finds the
+final checkpoint, only evaluates. Without it the signal would be noted and ignored
+until the evaluation ended, which can take longer than the scheduler's grace period.
+
 Ctrl-C: SIGINT is left alone by default (KeyboardInterrupt, raised when the
 compiled call returns, no checkpoint). Pass `signals=(SIGTERM, SIGINT)` to make
 the first Ctrl-C stop and save like SIGTERM; a second Ctrl-C then raises
@@ -66,6 +72,7 @@ KeyboardInterrupt as usual (once the main thread runs Python again).
 """
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -153,6 +160,7 @@ class PreemptionWatcher:
     self._thread = None
     self._sigints = 0  # SIGINTs seen by the thread (coalesced ones included)
     self._sigint_calls = 0  # calls of the Python-level handler for SIGINT
+    self._exit_message = None  # set by exit_on_request()
 
   @property
   def active(self):
@@ -190,8 +198,39 @@ class PreemptionWatcher:
       self._requested_monotonic = time.monotonic()
       self._event.set()
       self.stop_requested.assign(True)
+      exiting = self._exit_message is not None
+    if exiting:
+      self._exit_now()
     self._log(f'Received {reason}: stopping at the next step boundary to save a '
               f'checkpoint; exit code {EXIT_PREEMPTED} means "rerun to resume".')
+
+  def exit_on_request(self, message):
+    """From now on a request ends the process at once with EXIT_PREEMPTED.
+
+    For a phase with no step boundary and nothing left to save, such as the final
+    evaluation once the last checkpoint is written: the rerun redoes only that phase.
+    A request already made ends the process now. The exit is `os._exit` (from the
+    watcher thread, or the caller's), so no finally blocks run: call this only when
+    everything worth keeping is on disk.
+
+    Args:
+      message: logged before exiting, e.g. what the rerun will do.
+    """
+    with self._lock:
+      self._exit_message = message
+      already = self._event.is_set()
+    if already:
+      self._exit_now()
+
+  def _exit_now(self):
+    self._log(f'Received {self._reason}: {self._exit_message} Exiting with code '
+              f'{EXIT_PREEMPTED}.')
+    for stream in (sys.stdout, sys.stderr):
+      try:
+        stream.flush()
+      except (OSError, ValueError):
+        pass
+    os._exit(EXIT_PREEMPTED)  # pylint: disable=protected-access
 
   def reset(self):
     """Clears a request (for reuse within one process, e.g. in tests)."""

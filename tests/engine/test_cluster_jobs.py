@@ -193,6 +193,52 @@ def test_sigterm_mid_call_saves_at_a_step_boundary_exits_75_and_resumes(tmp_path
   assert metrics['step'] == step + 20
 
 
+def test_sigterm_during_the_final_evaluation_exits_75_at_once_and_rerun_evaluates(tmp_path):
+  """After the last checkpoint, the final evaluation has no step boundary: a SIGTERM
+  there ends the run at once with 75 (not after the evaluation, which can outlast a
+  scheduler's grace period), keeps the final checkpoint and writes no metrics.json;
+  the rerun evaluates only."""
+  model_dir = tmp_path / 'run'
+  args = [f'--model_dir={model_dir}', *TINY, '--jit_compile=false', '--train_steps=20',
+          '--steps_per_loop=10', '--checkpoint_every=10', '--eval_every=20']
+  # About a minute of importance sampling on this machine, at 1,000 samples a chunk.
+  slow_eval = ['--eval_iw_samples=4000000', '--iw_chunk_size=1000']
+  proc = _start_train([*args, *slow_eval], tmp_path, 'first', stdout_pipe=True)
+  killer = threading.Timer(TIMEOUT, proc.kill)
+  killer.start()
+  lines, signalled = [], None
+  try:
+    for line in proc.stdout:
+      lines.append(line.rstrip('\n'))
+      if line.startswith('Final evaluation on'):
+        threading.Thread(target=_sigterm_after_cpu, args=(proc, 2.0),
+                         kwargs=dict(max_wait=30), daemon=True).start()
+        signalled = time.monotonic()
+    code = proc.wait()
+  finally:
+    killer.cancel()
+    _kill([proc])
+  out = '\n'.join(lines)
+  err = (tmp_path / 'first.err').read_text()
+  assert signalled is not None, out[-2000:]
+  assert code == preemption.EXIT_PREEMPTED, (out[-2000:], err[-3000:])
+  assert time.monotonic() - signalled < 45, 'the evaluation ran on after SIGTERM'
+  assert 'the final evaluation was cut short' in out, out[-2000:]
+  assert 'Traceback' not in err, err[-3000:]
+  assert _latest_step(model_dir) == 20
+  assert not (model_dir / 'metrics.json').exists()
+
+  proc = _start_train([*args, '--eval_iw_samples=4', '--iw_chunk_size=2'], tmp_path, 'second')
+  try:
+    code = _wait(proc, time.monotonic() + TIMEOUT)
+  finally:
+    _kill([proc])
+  out, err = _logs(tmp_path, 'second')
+  assert code == 0, err[-3000:]
+  assert 'evaluating only' in out
+  assert json.loads((model_dir / 'metrics.json').read_text())['step'] == 20
+
+
 # --- 2. SIGKILL + rerun ends bit-identical (--deterministic) -------------------------
 
 STEPS = 300  # long enough that a run cannot finish between two polls of its dir
