@@ -123,8 +123,9 @@ class MixturePrior(tf.Module):
 class VampPrior(tf.Module):
   """p(z) = (1/K) sum_k q(z | u_k) over K learned pseudo-inputs u_k (Tomczak & Welling).
 
-  The pseudo-inputs start as K distinct training images (chosen with `seed`), kept in
-  (0, 1) through a sigmoid; calling the prior runs the encoder on them once.
+  The pseudo-inputs start as the given images (`pseudo_input_images` picks K distinct
+  training images) and stay in (0, 1) through a sigmoid; calling the prior runs the
+  encoder on them once.
   """
 
   def __init__(self, initial_images, *, diagonal=True, name='latent_prior'):

@@ -188,7 +188,8 @@ class VAE(tf.Module):
     h, w, c = self.image_shape
     num_pixels = h * w * c
     d = config.latent_dim
-    # The fixed N(0, I); also the KLDivergenceRegularizer's target.
+    # The fixed N(0, I): the KLDivergenceRegularizer's target. The prior the model
+    # trains with is `self.prior` (a module; `prior_distribution()` gives p(z)).
     self.latent_prior = latent_priors.standard_normal(d)
     if config.latent_prior == 'mixture':
       self.prior = latent_priors.MixturePrior(d, config.prior_components, seed=seed)

@@ -133,6 +133,31 @@ def _sigterm_after_cpu(proc, cpu_seconds, max_wait=60.0):
     time.sleep(0.05)
 
 
+def _train_and_sigterm(args, tmp_path, name, *, after_line, cpu_seconds, max_wait):
+  """Runs bin.train ARGS and sends SIGTERM once it has printed a line starting with
+  `after_line` and then used `cpu_seconds` more CPU (at most `max_wait` s later).
+
+  Returns:
+    (exit code, stdout, stderr, monotonic time the line appeared or None).
+  """
+  proc = _start_train(args, tmp_path, name, stdout_pipe=True)
+  killer = threading.Timer(TIMEOUT, proc.kill)  # a hung child fails the test, not the run
+  killer.start()
+  lines, seen = [], None
+  try:
+    for line in proc.stdout:
+      lines.append(line.rstrip('\n'))
+      if seen is None and line.startswith(after_line):
+        seen = time.monotonic()
+        threading.Thread(target=_sigterm_after_cpu, args=(proc, cpu_seconds),
+                         kwargs=dict(max_wait=max_wait), daemon=True).start()
+    code = proc.wait()
+  finally:
+    killer.cancel()
+    _kill([proc])
+  return code, '\n'.join(lines), (tmp_path / f'{name}.err').read_text(), seen
+
+
 def test_sigterm_mid_call_saves_at_a_step_boundary_exits_75_and_resumes(tmp_path):
   """SIGTERM well into a 50000-step compiled call: bin.train exits 75 with no
   traceback, says 'Preempted' and the step, and the checkpoint of that step exists
@@ -142,27 +167,14 @@ def test_sigterm_mid_call_saves_at_a_step_boundary_exits_75_and_resumes(tmp_path
   model_dir = tmp_path / 'run'
   args = [f'--model_dir={model_dir}', *TINY, '--jit_compile=false',
           '--steps_per_loop=50000', '--checkpoint_every=50000', '--eval_every=50000']
-  proc = _start_train([*args, '--train_steps=100000'], tmp_path, 'first', stdout_pipe=True)
-  killer = threading.Timer(TIMEOUT, proc.kill)  # a hung child fails the test, not the run
-  killer.start()
-  lines = []
-  try:
-    for line in proc.stdout:
-      lines.append(line.rstrip('\n'))
-      if line.startswith('Training '):
-        # Logged before the first call traces (about 2 CPU s); signal once the child
-        # has spent 8 more CPU seconds, i.e. well inside the compiled loop whatever
-        # the machine's load. The wall-clock cap is generous: on a loaded 2-core
-        # machine the child can get a tenth of a core, and a signal before the first
-        # step saves step 0 (correct, but not what this test is about).
-        threading.Thread(target=_sigterm_after_cpu, args=(proc, 8.0),
-                         kwargs=dict(max_wait=TIMEOUT / 2), daemon=True).start()
-    code = proc.wait()
-  finally:
-    killer.cancel()
-    _kill([proc])
-  out = '\n'.join(lines)
-  err = (tmp_path / 'first.err').read_text()
+  # 'Training ...' is logged before the first call traces (about 2 CPU s); signal once
+  # the child has spent 8 more CPU seconds, i.e. well inside the compiled loop whatever
+  # the machine's load. The wall-clock cap is generous: on a loaded 2-core machine the
+  # child can get a tenth of a core, and a signal before the first step saves step 0
+  # (correct, but not what this test is about).
+  code, out, err, _ = _train_and_sigterm(
+      [*args, '--train_steps=100000'], tmp_path, 'first', after_line='Training ',
+      cpu_seconds=8.0, max_wait=TIMEOUT / 2)
   assert code == preemption.EXIT_PREEMPTED, (out[-2000:], err[-3000:])
   assert 'Traceback' not in err, err[-3000:]
   assert 'Received SIGTERM' in out
@@ -203,23 +215,9 @@ def test_sigterm_during_the_final_evaluation_exits_75_at_once_and_rerun_evaluate
           '--steps_per_loop=10', '--checkpoint_every=10', '--eval_every=20']
   # About a minute of importance sampling on this machine, at 1,000 samples a chunk.
   slow_eval = ['--eval_iw_samples=4000000', '--iw_chunk_size=1000']
-  proc = _start_train([*args, *slow_eval], tmp_path, 'first', stdout_pipe=True)
-  killer = threading.Timer(TIMEOUT, proc.kill)
-  killer.start()
-  lines, signalled = [], None
-  try:
-    for line in proc.stdout:
-      lines.append(line.rstrip('\n'))
-      if line.startswith('Final evaluation on'):
-        threading.Thread(target=_sigterm_after_cpu, args=(proc, 2.0),
-                         kwargs=dict(max_wait=30), daemon=True).start()
-        signalled = time.monotonic()
-    code = proc.wait()
-  finally:
-    killer.cancel()
-    _kill([proc])
-  out = '\n'.join(lines)
-  err = (tmp_path / 'first.err').read_text()
+  code, out, err, signalled = _train_and_sigterm(
+      [*args, *slow_eval], tmp_path, 'first', after_line='Final evaluation on',
+      cpu_seconds=2.0, max_wait=30)
   assert signalled is not None, out[-2000:]
   assert code == preemption.EXIT_PREEMPTED, (out[-2000:], err[-3000:])
   assert time.monotonic() - signalled < 45, 'the evaluation ran on after SIGTERM'

@@ -28,6 +28,14 @@ CASES = {
                                              latent_dim=4, kl='regularizer')),
     'iwae': ('vae', vae.VAEConfig(encoder_sizes=(32,), decoder_sizes=(32,), latent_dim=4,
                                   objective='iwae', num_iw_samples=3)),
+    # Learned priors: every replica evaluates the whole prior (the VampPrior encodes
+    # all its pseudo-inputs on each); their gradients are summed like the networks'.
+    'vae_mixture_prior': ('vae', vae.VAEConfig(encoder_sizes=(32,), decoder_sizes=(32,),
+                                               latent_dim=4, latent_prior='mixture',
+                                               prior_components=5, kl='monte_carlo')),
+    'vae_vamp_prior': ('vae', vae.VAEConfig(encoder_sizes=(32,), decoder_sizes=(32,),
+                                            latent_dim=4, latent_prior='vamp',
+                                            prior_components=5, kl='monte_carlo')),
     # BNNs: one weight sample shared by both replicas (Noise's shared draws), per-example
     # Flipout signs, pre-activation noise and dropout masks drawn for the global batch
     # and sliced, the KL counted once (replica_loss divides it by the replicas).
