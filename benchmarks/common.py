@@ -15,12 +15,18 @@ import statistics
 import sys
 import time
 
+from absl import flags
 import tensorflow as tf
 
 from engine import config as config_lib
 from engine import controller
 from engine import datasets
 from engine import errors
+from engine import xla_cpu
+
+flags.DEFINE_enum('xla_cpu_vector_width', 'auto', list(xla_cpu.VECTOR_WIDTHS),
+                  "XLA:CPU's preferred vector width (engine/xla_cpu.py); auto: 512 on a "
+                  'CPU with AVX-512. Applies to every variant of the run alike.')
 
 
 # --------------------------------------------------------------------------- machine
@@ -69,8 +75,15 @@ def command_line():
                   + [shlex.quote(a) for a in sys.argv[1:]])
 
 
+def configure_xla():
+  """Applies --xla_cpu_vector_width (before anything compiles) and prints XLA_FLAGS."""
+  xla_cpu.configure(flags.FLAGS.xla_cpu_vector_width)
+  print(f'XLA_FLAGS: {os.environ.get("XLA_FLAGS", "") or "(none)"}', flush=True)
+
+
 def print_header():
-  """Date, machine, versions and the command, printed first by every benchmark."""
+  """Date, machine, versions, XLA_FLAGS and the command, first in every benchmark."""
+  configure_xla()
   gpus = tf.config.list_physical_devices('GPU')
   print(f'date: {datetime.datetime.now().isoformat(timespec="seconds")}')
   print(f'machine: nproc {num_cpus()} ({cpu_model()}), GPUs: {len(gpus)}; '

@@ -47,6 +47,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from benchmarks import common
 from engine import config as config_lib
 from engine import controller
 from engine import datasets
@@ -435,6 +436,7 @@ def main(argv):
   batch_sizes = [int(s) for s in FLAGS.batch_sizes if s.strip()]
   wall_start = time.perf_counter()
 
+  common.configure_xla()  # before anything compiles: fit and the engine alike
   print(f'date: {datetime.datetime.now().isoformat(timespec="seconds")}')
   print(f'machine: {os.cpu_count()} CPU(s) ({cpu_model()}), GPUs: '
         f'{len(tf.config.list_physical_devices("GPU"))}; TF {tf.__version__}, '

@@ -115,6 +115,7 @@ def main(argv):
     raise app.UsageError('--resume needs the fixed --steps budget of the first run '
                          '(a budget sized from --minutes differs from run to run).')
   from engine import preemption
+  common.configure_xla()
   strategy = distribute.make_strategy('default')
   data = controller.load_data(_config('vae', 1, '/tmp/x').data, 0)
   from models import vae

@@ -10,6 +10,7 @@ from absl import flags
 
 from engine import config as config_lib
 from engine import errors
+from engine import xla_cpu
 
 FLAGS = flags.FLAGS
 
@@ -95,6 +96,10 @@ def define_flags():
                        'Checkpoint every N steps (multiple of steps_per_loop).')
   flags.DEFINE_integer('keep_checkpoints', 3, 'Checkpoints kept (> 0).')
   flags.DEFINE_boolean('jit_compile', True, 'Compile each training step with XLA.')
+  flags.DEFINE_enum('xla_cpu_vector_width', 'auto', list(xla_cpu.VECTOR_WIDTHS),
+                    "XLA:CPU's preferred vector width for compiled loops: auto (512 on a "
+                    "CPU with AVX-512), default (XLA's own, 256), 256 or 512. A width "
+                    'already in XLA_FLAGS wins. See engine/xla_cpu.py.')
   flags.DEFINE_integer('seed', 0, 'Seed for init, data order, binarization, sampling (>= 0).')
   flags.DEFINE_integer('eval_batch_size', 500, 'Test batch size (> 0).')
   flags.DEFINE_integer('eval_iw_samples', 1000,
@@ -229,9 +234,11 @@ def experiment_config():
 
 
 def strategy():
-  """The strategy named by --strategy, resolved once (also applies --deterministic)."""
+  """The strategy named by --strategy, resolved once (also applies --deterministic and
+  --xla_cpu_vector_width, which must precede the first XLA compilation)."""
   import tensorflow as tf
   from engine import distribute
+  xla_cpu.configure(FLAGS.xla_cpu_vector_width)
   if FLAGS.deterministic:
     tf.config.experimental.enable_op_determinism()
   if FLAGS.num_cpu_devices < 0:
