@@ -3,9 +3,10 @@
 XLA:CPU asks LLVM for 256-bit vectors by default, even on a CPU with AVX-512. The
 element-wise work of a step (weight noise, the posterior scale, the KL, Adam) then
 runs at half the lanes the CPU has. On the 2-core AVX-512 machine of
-benchmarks/RESULTS.md, 512-bit vectors made 477,600 weight normals 0.90 -> 0.55 ms
-and the variational MLP's training step 1.2-1.3x faster, with the deterministic
-network's (matmul-bound) step unchanged.
+benchmarks/RESULTS.md ("Session 7"), 512-bit vectors made one weight sample of the
+BNN MLP (477,600 normals, `benchmarks/rng.py`) 0.96 -> 0.61 ms and the variational
+MLP's training step about 1.3x faster (`benchmarks/bnn_throughput.py`), with the
+deterministic network's (matmul-bound) step within its run-to-run spread.
 
 XLA reads `XLA_FLAGS` once, when it first compiles, so `configure` must run before
 the first XLA compilation of the process (bin/ calls it where it resolves the
