@@ -133,6 +133,16 @@ def _sigterm_after_cpu(proc, cpu_seconds, max_wait=60.0):
     time.sleep(0.05)
 
 
+def _train_to_end(args, tmp_path, name):
+  """Runs bin.train ARGS to its end (killed after TIMEOUT); (exit code, stdout, stderr)."""
+  proc = _start_train(args, tmp_path, name)
+  try:
+    code = _wait(proc, time.monotonic() + TIMEOUT)
+  finally:
+    _kill([proc])
+  return (code, *_logs(tmp_path, name))
+
+
 def _train_and_sigterm(args, tmp_path, name, *, after_line, cpu_seconds, max_wait):
   """Runs bin.train ARGS and sends SIGTERM once it has printed a line starting with
   `after_line` and then used `cpu_seconds` more CPU (at most `max_wait` s later).
@@ -190,12 +200,7 @@ def test_sigterm_mid_call_saves_at_a_step_boundary_exits_75_and_resumes(tmp_path
       'step/.ATTRIBUTES/VARIABLE_VALUE')) == step
   assert not (model_dir / 'metrics.json').exists()
 
-  proc = _start_train([*args, f'--train_steps={step + 20}'], tmp_path, 'second')
-  try:
-    code = _wait(proc, time.monotonic() + TIMEOUT)
-  finally:
-    _kill([proc])
-  out, err = _logs(tmp_path, 'second')
+  code, out, err = _train_to_end([*args, f'--train_steps={step + 20}'], tmp_path, 'second')
   assert code == 0, err[-3000:]
   assert f'Resuming from {path} at step {step}.' in out
   assert re.search(rf'steps {step} -> {step + 20},', out)
@@ -226,12 +231,8 @@ def test_sigterm_during_the_final_evaluation_exits_75_at_once_and_rerun_evaluate
   assert _latest_step(model_dir) == 20
   assert not (model_dir / 'metrics.json').exists()
 
-  proc = _start_train([*args, '--eval_iw_samples=4', '--iw_chunk_size=2'], tmp_path, 'second')
-  try:
-    code = _wait(proc, time.monotonic() + TIMEOUT)
-  finally:
-    _kill([proc])
-  out, err = _logs(tmp_path, 'second')
+  code, out, err = _train_to_end([*args, '--eval_iw_samples=4', '--iw_chunk_size=2'],
+                                 tmp_path, 'second')
   assert code == 0, err[-3000:]
   assert 'evaluating only' in out
   assert json.loads((model_dir / 'metrics.json').read_text())['step'] == 20

@@ -28,8 +28,9 @@ def test_auto_asks_for_512_bit_vectors_on_a_cpu_with_avx512(tmp_path):
 
 def test_auto_leaves_xla_alone_without_avx512(tmp_path):
   environ = {}
-  # avx512_bf16 alone is not AVX-512F: the match is on whole flag names.
-  path = _cpuinfo(tmp_path, 'fpu sse2 avx2 avx512_bf16x')
+  # Other AVX-512 extensions are not AVX-512F: the match is on whole flag names, so
+  # 'avx512fp16' (which contains 'avx512f') must not count.
+  path = _cpuinfo(tmp_path, 'fpu sse2 avx2 avx512_bf16 avx512fp16')
   assert xla_cpu.configure('auto', environ=environ, cpuinfo_path=path) is None
   assert environ == {}
   assert not xla_cpu.cpu_has_avx512(path)
