@@ -13,7 +13,10 @@ trained by the engine exactly as `controller.train` trains them (`controller.bui
 
 each variational layer with the posterior std as softplus(rho) (the default) and,
 named "<layer>/exp", as exp(rho) (`--posterior_scale=exp`: no log1p, no log in the
-KL, no division in the gradient; `--posterior_scales` picks which).
+KL, no division in the gradient; `--posterior_scales` picks which). With
+`--prefetch_noise=on,off`, reparameterization and Flipout also run with their
+weight noise drawn inside the step ("<layer>/inline") instead of one step ahead
+beside it (TrainConfig.prefetch_noise, the default).
 
 Default network: MLP 784-400-400-10 on Fashion-MNIST classification, batch 128
 (`--architecture=lenet` for LeNet-5). Every variant is burnt in (build, tracing,
@@ -27,6 +30,8 @@ variational layer at most 2.0x slower than the deterministic network.
 Usage (from the repository root):
   .venv/bin/python benchmarks/bnn_throughput.py
   .venv/bin/python benchmarks/bnn_throughput.py --architecture=lenet
+  .venv/bin/python benchmarks/bnn_throughput.py --prefetch_noise=on,off \
+      --variants=reparameterization,flipout
   .venv/bin/python benchmarks/bnn_throughput.py --dataset=synthetic --rounds=1 \
       --steps=20 --burn_in_steps=10
 """
@@ -75,6 +80,11 @@ flags.DEFINE_list('posterior_scales', ['softplus', 'exp'],
                   '(--posterior_scale: softplus, exp); a variant with exp is named '
                   '"<layer>/exp".')
 flags.DEFINE_boolean('xla', True, 'Compile each step with XLA (TrainConfig.jit_compile).')
+flags.DEFINE_list('prefetch_noise', ['on'],
+                  'TrainConfig.prefetch_noise of every variational variant that draws '
+                  'weight noise: on (the default: drawn one step ahead, beside the '
+                  'step), off (drawn inside the step; named "<variant>/inline"), or '
+                  'both, e.g. on,off.')
 flags.DEFINE_enum('precision', 'float32', ['float32', 'mixed_bfloat16', 'mixed_float16'],
                   'TrainConfig.precision of every variant.')
 flags.DEFINE_integer('rounds', 5, 'Round-robin rounds; the median per variant is reported.')
@@ -86,7 +96,7 @@ flags.DEFINE_integer('steps_per_loop', 500, "The engine's steps per TrainLoop ca
 flags.DEFINE_integer('seed', 0, 'Seed of initialisation, data order and sampling.')
 
 
-def make_config(variant, data, model_dir, posterior_scale='softplus'):
+def make_config(variant, data, model_dir, posterior_scale='softplus', prefetch_noise=True):
   options = bnn_lib.BNNConfig(
       architecture=FLAGS.architecture,
       hidden_sizes=tuple(int(h) for h in FLAGS.hidden_sizes),
@@ -94,8 +104,8 @@ def make_config(variant, data, model_dir, posterior_scale='softplus'):
   spl = FLAGS.steps_per_loop
   train = config_lib.TrainConfig(
       model_dir=model_dir, batch_size=FLAGS.batch_size, steps_per_loop=spl,
-      eval_every=spl, checkpoint_every=spl, jit_compile=FLAGS.xla, seed=FLAGS.seed,
-      precision=FLAGS.precision)
+      eval_every=spl, checkpoint_every=spl, jit_compile=FLAGS.xla,
+      prefetch_noise=prefetch_noise, seed=FLAGS.seed, precision=FLAGS.precision)
   return config_lib.ExperimentConfig(model='bnn', model_options=options,
                                      data=common.data_config(data, FLAGS.data_dir),
                                      train=train)
@@ -120,13 +130,22 @@ def main(argv):
   if unknown or not FLAGS.posterior_scales:
     raise app.UsageError(f'--posterior_scales: {FLAGS.posterior_scales}; choose one or '
                          f'more of {variational.POSTERIOR_SCALES}.')
-  runs = []  # (runner name, layer, posterior scale)
+  modes = {'on': True, 'off': False}
+  unknown = [m for m in FLAGS.prefetch_noise if m not in modes]
+  if unknown or not FLAGS.prefetch_noise:
+    raise app.UsageError(f'--prefetch_noise: {FLAGS.prefetch_noise}; choose on, off '
+                         f'or on,off.')
+  runs = []  # (runner name, layer, posterior scale, prefetch noise)
   for v in ALL_VARIANTS:
     if v in BASELINES:
       if v in FLAGS.variants or v == 'deterministic':
-        runs.append((v, v, 'softplus'))
+        runs.append((v, v, 'softplus', True))
     elif v in FLAGS.variants:
-      runs += [(v if p == 'softplus' else f'{v}/{p}', v, p) for p in FLAGS.posterior_scales]
+      for p in FLAGS.posterior_scales:
+        name = v if p == 'softplus' else f'{v}/{p}'
+        # local reparameterization draws no weight noise: prefetching changes nothing.
+        for m in (FLAGS.prefetch_noise if v != 'local_reparameterization' else ['on']):
+          runs.append((name + ('/inline' if m == 'off' else ''), v, p, modes[m]))
   wall_start = time.perf_counter()
 
   common.print_header()
@@ -137,7 +156,8 @@ def main(argv):
     print(note)
   print(f'data: {common.describe_data(data)}')
   print(f'network: {describe_network()}, batch {FLAGS.batch_size}, {FLAGS.precision}, '
-        f'XLA {"on" if FLAGS.xla else "off"}, {FLAGS.steps_per_loop} steps per '
+        f'XLA {"on" if FLAGS.xla else "off"}, weight noise prefetch '
+        f'{",".join(FLAGS.prefetch_noise)}, {FLAGS.steps_per_loop} steps per '
         f'TrainLoop call; {FLAGS.rounds} rounds x {FLAGS.steps} timed steps after '
         f'{FLAGS.burn_in_steps} burn-in steps', flush=True)
 
@@ -145,8 +165,8 @@ def main(argv):
   with tempfile.TemporaryDirectory(prefix='elbo_bnn_throughput_') as root_dir:
     runners = [common.EngineRunner(
         name, make_config(layer, data, os.path.join(root_dir, name.replace('/', '_')),
-                          posterior_scale),
-        strategy, data) for name, layer, posterior_scale in runs]
+                          posterior_scale, prefetch),
+        strategy, data) for name, layer, posterior_scale, prefetch in runs]
     common.burn_in(runners, FLAGS.burn_in_steps,
                    log=lambda s: print(s, flush=True))
     params = {r.name: num_parameters(r.model) for r in runners}

@@ -96,6 +96,10 @@ def define_flags():
                        'Checkpoint every N steps (multiple of steps_per_loop).')
   flags.DEFINE_integer('keep_checkpoints', 3, 'Checkpoints kept (> 0).')
   flags.DEFINE_boolean('jit_compile', True, 'Compile each training step with XLA.')
+  flags.DEFINE_boolean('prefetch_noise', True,
+                       "With --jit_compile: draw the next step's weight noise (BNN "
+                       'reparameterization/Flipout) beside the running step, on '
+                       'another core. The same noise either way.')
   flags.DEFINE_enum('xla_cpu_vector_width', 'auto', list(xla_cpu.VECTOR_WIDTHS),
                     "XLA:CPU's preferred vector width for compiled loops: auto (512 on a "
                     "CPU with AVX-512), default (XLA's own, 256), 256 or 512. A width "
@@ -223,7 +227,8 @@ def experiment_config():
       lr_final_fraction=FLAGS.lr_final_fraction, clip_grad_norm=FLAGS.clip_grad_norm,
       steps_per_loop=FLAGS.steps_per_loop, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
-      jit_compile=FLAGS.jit_compile, seed=FLAGS.seed, eval_batch_size=FLAGS.eval_batch_size,
+      jit_compile=FLAGS.jit_compile, prefetch_noise=FLAGS.prefetch_noise, seed=FLAGS.seed,
+      eval_batch_size=FLAGS.eval_batch_size,
       eval_iw_samples=FLAGS.eval_iw_samples,
       periodic_eval_iw_samples=FLAGS.periodic_eval_iw_samples,
       iw_chunk_size=FLAGS.iw_chunk_size, num_summary_images=FLAGS.num_summary_images,

@@ -72,6 +72,9 @@ class TrainConfig:
     eval_every, checkpoint_every: in steps; multiples of steps_per_loop.
     keep_checkpoints: how many checkpoints to keep.
     jit_compile: compile the training loop with XLA.
+    prefetch_noise: with jit_compile, draw the noise a step shares across its batch
+      (a BNN's weight noise) one step ahead, in its own XLA program that runs
+      beside the step (engine/loop.py). The same noise either way.
     seed: one seed for initialisation, data order, binarization and sampling.
     eval_batch_size: test batch size.
     eval_iw_samples: importance samples per test example for log p(x) at the end
@@ -98,6 +101,7 @@ class TrainConfig:
   checkpoint_every: int = 5000
   keep_checkpoints: int = 3
   jit_compile: bool = True
+  prefetch_noise: bool = True
   seed: int = 0
   eval_batch_size: int = 500
   eval_iw_samples: int = 1000

@@ -169,10 +169,13 @@ def jit_compile(exp):
   return exp.config.train.jit_compile and distribute.supports_per_replica_jit(exp.strategy)
 
 
-def make_train_loop(exp, *, stop_requested=None):
+def make_train_loop(exp, *, stop_requested=None, prefetch_noise=None):
   """Wires the input, the replica step and the compiled loop for an Experiment.
 
   stop_requested: optional bool variable read before every step (preemption).
+  prefetch_noise: draw the shared noise one step ahead (`engine.loop.TrainLoop`);
+    None: when TrainConfig.prefetch_noise and the step is XLA-compiled (without
+    XLA the draw is dozens of separate TF ops, slower than drawing inline).
 
   Returns:
     (TrainLoop, iterator), the iterator positioned at the experiment's current step
@@ -190,10 +193,14 @@ def make_train_loop(exp, *, stop_requested=None):
   keys = ('loss', 'grad_norm') + tuple(exp.model.measurement_keys)
   if precision.needs_loss_scaling(t.precision):
     keys += ('skipped', 'loss_scale')
+  if prefetch_noise is None:
+    prefetch_noise = t.prefetch_noise and jit_compile(exp)
+  shared_noise_fn = (step_lib.make_shared_noise_fn(exp.model, seed=t.seed)
+                     if prefetch_noise else None)
   train_loop = loop_lib.TrainLoop(
       replica_step, train_input, strategy=strategy, step_counter=exp.step,
       measurement_keys=keys, jit_compile=jit_compile(exp), stop_requested=stop_requested,
-      agree_on_stop=distribute.is_multi_worker(strategy))
+      agree_on_stop=distribute.is_multi_worker(strategy), shared_noise_fn=shared_noise_fn)
   return train_loop, train_input.iterator(int(exp.step.numpy()))
 
 

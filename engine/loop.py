@@ -34,10 +34,18 @@ class TrainLoop:
       thread is seen while the call runs.
     agree_on_stop: several workers: the flag is all-reduced each step so every
       worker stops at the same step (one scalar collective per step).
+    shared_noise_fn: optional draw(step) -> the noise step `step` shares across its
+      batch and replicas (`engine.step.make_shared_noise_fn`), passed to
+      `replica_step` as its 4th argument. The loop draws step s + 1's while step s
+      runs (software pipelining: the draw is carried to the next iteration), in
+      its own XLA program when `jit_compile`: nothing orders the two, so TF's
+      executor runs them at the same time, on two cores of a CPU. The noise is the
+      same as an inline draw's; only when it is drawn changes.
   """
 
   def __init__(self, replica_step, train_input, *, strategy, step_counter,
-               measurement_keys, jit_compile, stop_requested=None, agree_on_stop=False):
+               measurement_keys, jit_compile, stop_requested=None, agree_on_stop=False,
+               shared_noise_fn=None):
     self._strategy = strategy
     self._stop = stop_requested
     self._agree = agree_on_stop
@@ -46,7 +54,10 @@ class TrainLoop:
     self._input = train_input
     if jit_compile:
       replica_step = tf.function(replica_step, jit_compile=True)
+      if shared_noise_fn is not None:
+        shared_noise_fn = tf.function(shared_noise_fn, jit_compile=True)
     self._replica_step = replica_step
+    self._draw = shared_noise_fn
     self._loop = tf.function(self._run)
 
   def __call__(self, iterator, num_steps):
@@ -60,6 +71,7 @@ class TrainLoop:
     last = dict(sums)
     bad_step = tf.constant(-1, tf.int64)
     done = tf.constant(0, tf.int64)
+    pending = () if self._draw is None else self._draw(self._counter.read_value())
     for i in tf.range(num_steps):
       if self._stop is not None:
         if self._should_stop():
@@ -67,7 +79,14 @@ class TrainLoop:
       step = self._counter.read_value()
       args = self._input.next_args(iterator, step)
       measure = tf.equal(i, num_steps - 1)
-      shares = self._strategy.run(self._replica_step, args=(args, step, measure))
+      if self._draw is None:
+        step_args = (args, step, measure)
+      else:
+        # `pending` holds this step's noise; draw the next step's (wasted after the
+        # call's last step or an early stop: the next call draws afresh).
+        step_args = (args, step, measure, pending)
+        pending = self._draw(step + 1)
+      shares = self._strategy.run(self._replica_step, args=step_args)
       measured = {k: self._strategy.reduce(tf.distribute.ReduceOp.SUM, shares[k], axis=None)
                   for k in self._keys}
       self._counter.assign_add(1)

@@ -11,13 +11,39 @@ from engine import sampling
 _SAMPLING_SALT = 0x5A
 
 
+def step_noise_seed(seed, step):
+  """The int32 [2] seed of the `sampling.Noise` of training step `step`."""
+  return inputs.step_seed(seed, step, _SAMPLING_SALT)
+
+
+def make_shared_noise_fn(model, *, seed):
+  """draw(step) -> the model's shared noise for that step, or None if it has none.
+
+  A model whose step draws noise shared by the whole batch (a BNN's weight noise,
+  as big as its weights) can offer it as `shared_noise(noise)`, with the property
+  `draws_shared_noise`, and accept it back as `train_terms(..., shared_noise=)`.
+  It depends only on (seed, step), not on the replica or the batch, so
+  `engine.loop.TrainLoop` draws step s + 1's while step s runs: on a CPU the two
+  run on different cores (the step's element-wise work runs on one thread).
+  """
+  if not getattr(model, 'draws_shared_noise', False):
+    return None
+
+  def draw(step):
+    return model.shared_noise(sampling.Noise(step_noise_seed(seed, step)))
+
+  return draw
+
+
 def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
                       clip_grad_norm, loss_scaling=False):
-  """Returns replica_step(args, step, measure) -> dict of measurement shares.
+  """Returns replica_step(args, step, measure, shared_noise=None) -> dict of shares.
 
   The model supplies `train_terms(batch, *, noise, step)` -> (per_example_loss [B],
   regularization scalar, measurements), where each measurement is either
   per-example [B] or a replica-invariant scalar (e.g. a BNN's KL or KL weight).
+  `shared_noise`, when given, is `make_shared_noise_fn(model, seed=seed)(step)`
+  (drawn by the loop ahead of the step) and is passed on to `train_terms`.
 
   Every returned value is a share that sums over replicas (strategy.reduce SUM) to
   the global figure: per-example terms as sum / global batch, replica-invariant
@@ -33,15 +59,16 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
   non-finite; 'skipped' (1 for a skipped step) and 'loss_scale' are measured.
   """
 
-  def replica_step(args, step, measure):
+  def replica_step(args, step, measure, shared_noise=None):
     batch = train_input.replica_batch(args, step)
     ctx = tf.distribute.get_replica_context()
     num_replicas = ctx.num_replicas_in_sync
-    noise = sampling.Noise(inputs.step_seed(seed, step, _SAMPLING_SALT),
+    noise = sampling.Noise(step_noise_seed(seed, step),
                            ctx.replica_id_in_sync_group, num_replicas)
+    extra_args = {} if shared_noise is None else {'shared_noise': shared_noise}
     with tf.GradientTape() as tape:
       per_example, regularization, measurements = model.train_terms(
-          batch, noise=noise, step=step)
+          batch, noise=noise, step=step, **extra_args)
       loss = objectives.replica_loss(per_example, regularization,
                                      global_batch_size=global_batch_size,
                                      num_replicas=num_replicas)

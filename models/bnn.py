@@ -240,14 +240,32 @@ class BNN(tf.Module):
   def weight_layers(self):
     return [layer for kind, layer in self.layers if kind in ('dense', 'conv')]
 
-  def forward(self, x, noise):
+  @property
+  def draws_shared_noise(self):
+    """Whether `shared_noise` has anything to draw (engine/step.py)."""
+    return self.config.variational and any(
+        layer.draws_weight_noise for layer in self.weight_layers)
+
+  def shared_noise(self, noise):
+    """The step's weight noise, drawn apart from the step (engine/step.py).
+
+    Returns {layer name: eps} for the layers that draw a kernel-shaped normal shared
+    by the batch (`VariationalDense.weight_noise`); passed back to `train_terms` as
+    `shared_noise`, it gives exactly the weights an inline draw would.
+    """
+    return {layer.name: layer.weight_noise(noise) for layer in self.weight_layers
+            if self.config.variational and layer.draws_weight_noise}
+
+  def forward(self, x, noise, shared_noise=None):
     """(outputs [B, num_outputs] float32, KL(q || p) float32 scalar) for one pass.
 
     noise: an `engine.sampling.Noise` (one sample of the weights / dropout masks), or
       None for the posterior-mean (deterministic) network, for prediction only: the
       KL returned is then 0 (not computed), so never train with noise=None.
+    shared_noise: optional `shared_noise(noise)`, drawn beforehand.
     """
     cfg = self.config
+    shared_noise = shared_noise or {}
     kls = []
     h = x
     dense_layers = [layer for kind, layer in self.layers if kind == 'dense']
@@ -259,7 +277,7 @@ class BNN(tf.Module):
         if noise is None:
           h = layer(h)
         else:
-          h, kl = layer.apply_with_kl(h, noise)
+          h, kl = layer.apply_with_kl(h, noise, shared_noise.get(layer.name))
           kls.append(kl)
       else:
         h = layer(h)
@@ -288,9 +306,9 @@ class BNN(tf.Module):
     keys = ('nll', 'kl', 'kl_weight', 'elbo')
     return keys + (('sq_error',) if self.regression else ('accuracy',))
 
-  def loss_terms(self, batch, *, noise, kl_weight):
+  def loss_terms(self, batch, *, noise, kl_weight, shared_noise=None):
     """(per-example NLL [B], kl_weight * KL, measurements) for one batch and noise."""
-    outputs, kl = self.forward(batch['image'], noise)
+    outputs, kl = self.forward(batch['image'], noise, shared_noise)
     likelihood = self.likelihood(outputs)
     target = batch['target']
     nll = -likelihood.log_prob(tf.cast(target, tf.float32) if self.regression else target)
@@ -305,9 +323,10 @@ class BNN(tf.Module):
                    tf.cast(target, tf.int32)), tf.float32)
     return nll, kl_weight * kl, measurements
 
-  def train_terms(self, batch, *, noise, step):
+  def train_terms(self, batch, *, noise, step, shared_noise=None):
     """The engine's entry point (see engine/step.py)."""
-    return self.loss_terms(batch, noise=noise, kl_weight=self.kl_weight(step))
+    return self.loss_terms(batch, noise=noise, kl_weight=self.kl_weight(step),
+                           shared_noise=shared_noise)
 
   def predict(self, x, noise, num_samples):
     """Monte-Carlo predictions, batch first.

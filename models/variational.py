@@ -36,6 +36,10 @@ Calling conventions (both go through `tf_keras.layers.Layer.__call__`):
 
   outputs = layer(x, noise=noise)                 # outputs only
   outputs, kl = layer.apply_with_kl(x, noise)     # outputs and this call's KL
+  outputs, kl = layer.apply_with_kl(x, noise, weight_noise=layer.weight_noise(noise))
+
+The third form passes the kernel noise drawn beforehand (the engine draws it one
+step ahead, beside the running step; see `weight_noise`); it is the same noise.
 
 `kl` is a float32 scalar: KL(q || p) summed over the layer's kernel, computed for
 the weights this call used (the Monte Carlo estimate uses this call's own weight
@@ -83,6 +87,15 @@ _VARIANCE_FLOOR = 1e-12
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
+def _log1p_from(x, u):
+  """log1p(x) for x >= 0, given u = 1 + x as rounded: log(u) * x / (u - 1), or x
+  where u rounds to 1 (Goldberg 1991: the rounding error of u cancels between
+  log(u) and u - 1; a few ulps). XLA:CPU runs tf.math.log1p as a kernel of its own,
+  one more pass over a weight-sized array per step; these ops fuse with their
+  neighbours."""
+  return tf.where(u == 1.0, x, tf.math.log(u) * (x / (u - 1.0)))
+
+
 @tf.custom_gradient
 def softplus_scale(rho):
   """The posterior scale softplus(rho) + SCALE_FLOOR, float32, elementwise.
@@ -93,10 +106,11 @@ def softplus_scale(rho):
   is rho to float32 precision.
   """
   e = tf.exp(tf.minimum(rho, 30.0))
-  scale = tf.where(rho > 30.0, rho, tf.math.log1p(e)) + SCALE_FLOOR
+  u = 1.0 + e
+  scale = tf.where(rho > 30.0, rho, _log1p_from(e, u)) + SCALE_FLOOR
 
   def grad(upstream):
-    return upstream * (e / (1.0 + e))
+    return upstream * (e / u)
 
   return scale, grad
 
@@ -400,22 +414,55 @@ class _VariationalLayer(tf_keras.layers.Layer):
       scale, log_scale = posterior_scale(self.kernel_rho, self.posterior_scale)
     return analytic_kl_normal(self.kernel_loc, scale, self.prior.sigma, log_scale)
 
-  def apply_with_kl(self, inputs, noise):
+  def apply_with_kl(self, inputs, noise, weight_noise=None):
     """(outputs, kl) for one call; see the module docstring.
 
     Args:
       inputs: the layer's input (cast to the compute dtype).
       noise: an `engine.sampling.Noise` for this step, or None for the posterior
         mean weights.
+      weight_noise: optional `weight_noise(noise)`, drawn beforehand.
 
     Returns:
       outputs in the compute dtype, and the float32 scalar KL(q || p) of the
       kernel: analytic or a Monte Carlo estimate on this call's weight sample.
     """
-    return self(inputs, noise=noise, return_kl=True)
+    return self(inputs, noise=noise, return_kl=True, weight_noise=weight_noise)
 
-  def call(self, inputs, noise=None, return_kl=False):
-    """outputs, or (outputs, kl) when return_kl; noise=None: posterior-mean mode."""
+  @property
+  def draws_weight_noise(self):
+    """Whether a call draws a kernel-shaped normal shared by the batch (see
+    `weight_noise`): reparameterization and Flipout do, local reparameterization
+    does not."""
+    return self.estimator != 'local_reparameterization'
+
+  def weight_noise(self, noise):
+    """The standard-normal kernel noise eps that a call with `noise` draws.
+
+    The perturbation is scale * eps; eps is shared by the whole global batch and
+    depends only on `noise`'s seed and this layer's salt (not on the replica), so
+    it can be drawn apart from the training step and passed back to the call as
+    `weight_noise` (engine/loop.py draws the next step's eps while this step runs).
+    The call itself draws it through this method, so both give the same eps.
+
+    Args:
+      noise: the `engine.sampling.Noise` passed to the call (not folded).
+
+    Returns:
+      float32 [kernel shape], or None when `draws_weight_noise` is False.
+    """
+    if not self.draws_weight_noise:
+      return None
+    noise = noise.fold(self.salt)
+    if self.estimator == 'flipout':
+      noise = noise.split(3)[0]
+    return noise.shared_normal(self._kernel_shape)
+
+  def call(self, inputs, noise=None, return_kl=False, weight_noise=None):
+    """outputs, or (outputs, kl) when return_kl; noise=None: posterior-mean mode.
+
+    weight_noise: `weight_noise(noise)` drawn beforehand, or None to draw it here.
+    """
     compute_dtype = self.compute_dtype
     loc = tf.convert_to_tensor(self.kernel_loc)
     kl = None
@@ -426,14 +473,15 @@ class _VariationalLayer(tf_keras.layers.Layer):
     else:
       # Once per call: the KL reuses log_scale (free for 'exp').
       scale, log_scale = posterior_scale(self.kernel_rho, self.posterior_scale)
+      eps = self.weight_noise(noise) if weight_noise is None else weight_noise
       noise = noise.fold(self.salt)
       w = None
       if self.estimator == 'reparameterization':
-        w = loc + scale * noise.shared_normal(self._kernel_shape)
+        w = loc + scale * eps
         outputs = self._linear(inputs, tf.cast(w, compute_dtype))
       elif self.estimator == 'flipout':
-        eps_noise, in_noise, out_noise = noise.split(3)
-        delta = scale * eps_noise.shared_normal(self._kernel_shape)
+        _, in_noise, out_noise = noise.split(3)
+        delta = scale * eps
         in_shape, out_shape, sign_rank = self._sign_shapes(inputs)
         sign_in = self._expand(in_noise.rademacher(in_shape), sign_rank)
         sign_out = self._expand(out_noise.rademacher(out_shape), sign_rank)

@@ -209,6 +209,36 @@ def test_seeding_and_posterior_mean_mode(make, estimator):
   np.testing.assert_allclose(mean, expected.numpy(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize('estimator', ESTIMATORS)
+@pytest.mark.parametrize('make', [_dense, _conv], ids=['dense', 'conv'])
+def test_weight_noise_drawn_beforehand_is_the_inline_draw(make, estimator):
+  """`weight_noise(noise)` passed back to the call gives the inline call's outputs
+  and KL exactly; it is the eps of w = loc + scale * eps (so the argument is used:
+  another eps gives other outputs); local reparameterization draws none."""
+  x = _inputs([3, 5, 5, 2]) if make is _conv else _inputs([3, 4])
+  layer = _built(make(estimator, seed=5, kl='analytic'), x)
+  noise = sampling.Noise(_seed(11), 0, 1)
+  eps = layer.weight_noise(noise)
+  inline, inline_kl = layer.apply_with_kl(x, noise)
+  if estimator == 'local_reparameterization':
+    assert not layer.draws_weight_noise and eps is None
+    return
+  assert layer.draws_weight_noise
+  assert eps.shape == layer.kernel_loc.shape and eps.dtype == tf.float32
+  given, given_kl = layer.apply_with_kl(x, noise, weight_noise=eps)
+  np.testing.assert_array_equal(given.numpy(), inline.numpy())
+  assert given_kl.numpy() == inline_kl.numpy()
+  # Per replica the same eps: it is shared by the global batch.
+  np.testing.assert_array_equal(layer.weight_noise(sampling.Noise(_seed(11), 1, 2)).numpy(),
+                                eps.numpy())
+  other = layer.apply_with_kl(x, noise, weight_noise=-eps)[0]
+  assert not np.allclose(other.numpy(), inline.numpy())
+  if estimator == 'reparameterization':
+    w = layer.kernel_loc + layer.kernel_scale * eps
+    expected = layer._linear(x, w) + layer.bias  # pylint: disable=protected-access
+    np.testing.assert_allclose(inline.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_softplus_scale_value_and_gradient():
   rho = tf.constant([-100.0, -20.0, -5.0, 0.0, 3.0, 29.0, 31.0, 80.0, 200.0])
   with tf.GradientTape(persistent=True) as tape:
@@ -218,6 +248,18 @@ def test_softplus_scale_value_and_gradient():
   np.testing.assert_allclose(ours.numpy(), reference.numpy(), rtol=1e-6)
   np.testing.assert_allclose(tape.gradient(ours, rho).numpy(),
                              tape.gradient(reference, rho).numpy(), rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_fused_log1p_matches_float64_log1p(jit):
+  """softplus_scale's log1p, log(u) x / (u - 1), within 1e-6 of float64's log1p on a
+  dense grid over [0, 1e13] (x = exp(rho) for rho <= 30), eagerly and under XLA."""
+  x = np.concatenate([[0.0], np.logspace(-30, 13, 20001)]).astype(np.float32)
+  fn = lambda t: vl._log1p_from(t, 1.0 + t)  # pylint: disable=protected-access
+  if jit:
+    fn = tf.function(fn, jit_compile=True)
+  got = fn(tf.constant(x)).numpy()
+  np.testing.assert_allclose(got, np.log1p(x.astype(np.float64)), rtol=1e-6, atol=0)
 
 
 def test_exp_posterior_scale_value_and_gradient():
