@@ -53,7 +53,7 @@ class TrainLoop:
     self._keys = tuple(measurement_keys)
     self._input = train_input
     if jit_compile:
-      replica_step = tf.function(replica_step, jit_compile=True)
+      replica_step = _compile_per_measure(replica_step)
       if shared_noise_fn is not None:
         shared_noise_fn = tf.function(shared_noise_fn, jit_compile=True)
     self._replica_step = replica_step
@@ -105,6 +105,28 @@ class TrainLoop:
     if not self._agree:
       return self._stop.read_value()
     return preemption.agreed_stop(self._strategy, self._stop)
+
+
+def _compile_per_measure(replica_step):
+  """replica_step under XLA, as two programs chosen by `measure` outside XLA.
+
+  The step computes its costly measurements (the gradient norm) only when
+  `measure` is true, on a call's last step. Deciding that inside one XLA program
+  (a conditional) cost every step a copy of all gradients into the conditional's
+  operands: in one bnn_throughput.py run, 11% of the deterministic MLP's
+  examples/sec and 25% of a variational one's. Here each value of `measure` has
+  its own program, traced with it as a Python bool, and a `tf.cond` in the TF
+  graph picks one per step.
+  """
+  plain = tf.function(lambda *a: replica_step(a[0], a[1], False, *a[2:]), jit_compile=True)
+  measured = tf.function(lambda *a: replica_step(a[0], a[1], True, *a[2:]),
+                         jit_compile=True)
+
+  def compiled_step(args, step, measure, *rest):
+    return tf.cond(measure, lambda: measured(args, step, *rest),
+                   lambda: plain(args, step, *rest))
+
+  return compiled_step
 
 
 class EvalLoop:

@@ -48,10 +48,13 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
   Every returned value is a share that sums over replicas (strategy.reduce SUM) to
   the global figure: per-example terms as sum / global batch, replica-invariant
   scalars (gradient norm, KL weight) divided by the number of replicas.
-  `measure` (a bool Tensor) asks for the costly extras: the gradient norm is
-  computed only then (or always, when clipping needs it), because a per-step norm
-  over every gradient slowed the XLA step on CPU (benchmarks/RESULTS.md: 0.87x ->
-  0.94x of the fastest `fit`); it is 0 otherwise.
+  `measure` asks for the costly extras: the gradient norm is computed only then
+  (or always, when clipping needs it), because a per-step norm over every gradient
+  slowed the XLA step on CPU (benchmarks/RESULTS.md: 0.87x -> 0.94x of the fastest
+  `fit`); it is 0 otherwise. A Python bool decides while tracing (engine.loop
+  compiles one XLA program for each value: a `tf.cond` inside the program made
+  XLA copy every gradient into the conditional's operands at every step); a bool
+  Tensor decides at run time through `tf.cond`.
 
   With `loss_scaling` (float16), `optimizer` is a tf_keras LossScaleOptimizer: the
   loss is scaled before the gradient, the all-reduced gradients are unscaled, and
@@ -89,7 +92,10 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
       grad_norm = norm()
       grads, _ = tf.clip_by_global_norm(grads, clip_grad_norm, use_norm=grad_norm)
     else:
-      grad_norm = tf.cond(measure, norm, lambda: tf.constant(0.0))
+      if isinstance(measure, bool):
+        grad_norm = norm() if measure else tf.constant(0.0)
+      else:
+        grad_norm = tf.cond(measure, norm, lambda: tf.constant(0.0))
     optimizer.apply_gradients(zip(grads, variables), skip_gradients_aggregation=True)
     shares = {k: measurement_share(v, global_batch_size, num_replicas)
               for k, v in {**measurements, **extra}.items()}
