@@ -246,6 +246,8 @@ CASES = {
     'vae': [*TINY, '--jit_compile=false'],
     'bnn': [*TINY, *BNN, '--jit_compile=false'],
     'vae_xla': [*TINY, '--jit_compile=true'],
+    # XLA: the weight noise is drawn one step ahead (--prefetch_noise, the default).
+    'bnn_xla': [*TINY, *BNN, '--jit_compile=true'],
 }
 
 
