@@ -56,6 +56,7 @@ from engine import inputs
 from engine import loop as loop_lib
 from engine import objectives
 from engine import sampling
+from engine import step as step_lib
 import models
 from models import vae as vae_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -89,9 +90,6 @@ flags.DEFINE_integer('matmul_trials', 10, 'Timed matmuls per peak measurement; t
                      'is measured before the burn-in and after every round, and the '
                      'best of all counts (other processes may share the CPU).')
 flags.DEFINE_integer('seed', 0, 'Seed of initialisation, data order and sampling.')
-
-_SAMPLING_SALT = 0x5A
-
 
 # --------------------------------------------------------------------------- FLOPs
 
@@ -192,7 +190,7 @@ def make_vae(data, seed):
 
 def negative_elbo_loss(model, x, step, *, seed, batch_size):
   """The engine's training loss for one batch (one replica, KL weight 1)."""
-  noise = sampling.Noise(inputs.step_seed(seed, step, _SAMPLING_SALT))
+  noise = sampling.Noise(step_lib.step_noise_seed(seed, step))
   per_example, regularization, _ = model.loss_terms(
       x, noise=noise, kl_weight=tf.constant(1.0))
   return objectives.replica_loss(per_example, regularization,
@@ -321,7 +319,7 @@ class KerasELBO(tf_keras.Model):
 
   def call(self, inputs_, training=False):
     del training
-    seed = inputs.step_seed(self._seed, 0, _SAMPLING_SALT)
+    seed = step_lib.step_noise_seed(self._seed, 0)
     return self.vae.reconstruct(inputs_, seed)
 
   def train_step(self, data):

@@ -112,11 +112,9 @@ def _compile_per_measure(replica_step):
 
   The step computes its costly measurements (the gradient norm) only when
   `measure` is true, on a call's last step. Deciding that inside one XLA program
-  (a conditional) cost every step a copy of all gradients into the conditional's
-  operands: in one bnn_throughput.py run, 11% of the deterministic MLP's
-  examples/sec and 25% of a variational one's. Here each value of `measure` has
-  its own program, traced with it as a Python bool, and a `tf.cond` in the TF
-  graph picks one per step.
+  (a conditional) made XLA copy all gradients into the conditional's operands at
+  every step. Here each value of `measure` has its own program, traced with it as
+  a Python bool, and a `tf.cond` in the TF graph picks one per step.
   """
   plain = tf.function(lambda *a: replica_step(a[0], a[1], False, *a[2:]), jit_compile=True)
   measured = tf.function(lambda *a: replica_step(a[0], a[1], True, *a[2:]),

@@ -241,10 +241,16 @@ class BNN(tf.Module):
     return [layer for kind, layer in self.layers if kind in ('dense', 'conv')]
 
   @property
+  def _weight_noise_layers(self):
+    """The variational layers that draw a kernel-shaped normal shared by the batch."""
+    if not self.config.variational:
+      return []
+    return [layer for layer in self.weight_layers if layer.draws_weight_noise]
+
+  @property
   def draws_shared_noise(self):
     """Whether `shared_noise` has anything to draw (engine/step.py)."""
-    return self.config.variational and any(
-        layer.draws_weight_noise for layer in self.weight_layers)
+    return bool(self._weight_noise_layers)
 
   def shared_noise(self, noise):
     """The step's weight noise, drawn apart from the step (engine/step.py).
@@ -253,8 +259,7 @@ class BNN(tf.Module):
     by the batch (`VariationalDense.weight_noise`); passed back to `train_terms` as
     `shared_noise`, it gives exactly the weights an inline draw would.
     """
-    return {layer.name: layer.weight_noise(noise) for layer in self.weight_layers
-            if self.config.variational and layer.draws_weight_noise}
+    return {layer.name: layer.weight_noise(noise) for layer in self._weight_noise_layers}
 
   def forward(self, x, noise, shared_noise=None):
     """(outputs [B, num_outputs] float32, KL(q || p) float32 scalar) for one pass.
