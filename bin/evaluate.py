@@ -11,6 +11,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from engine import controller
+  flag_lib.adopt_recorded_config()
   config = flag_lib.experiment_config()
   exp = controller.build(config, flag_lib.strategy(), record_config=False)
   if exp.manager.latest_checkpoint is None:

@@ -210,6 +210,32 @@ def model_options(options_cls):
   return options_cls(**values)
 
 
+def adopt_recorded_config():
+  """Flags not given on the command line take the values recorded in
+  MODEL_DIR/config.json (for bin/evaluate.py and bin/sample.py).
+
+  A checkpoint is then evaluated with the flags it was trained with, without
+  repeating them; a flag given explicitly still wins, and one that makes the model
+  another (e.g. --latent_dim) is refused by `controller.build`, naming it. Returns
+  the path read, or None when the dir records no run.
+  """
+  from engine import checkpoints  # after flag parsing: imports TensorFlow
+  recorded = checkpoints.read_recorded_config(FLAGS.model_dir)
+  if recorded is None:
+    return None
+  values = {'model': recorded.get('model')}
+  for section in ('model_options', 'data', 'train'):
+    values.update(recorded.get(section) or {})
+  for name, value in values.items():
+    if name == 'model_dir' or name not in FLAGS or FLAGS[name].present:
+      continue
+    if isinstance(FLAGS[name].parser, flags.ListParser):
+      value = [] if value is None else [str(v) for v in value]
+    # The config dataclasses validate the value, as they do a typed flag's.
+    setattr(FLAGS, name, value)
+  return os.path.join(FLAGS.model_dir, checkpoints.CONFIG_FILE)
+
+
 def experiment_config():
   """Builds the validated ExperimentConfig from the parsed flags."""
   import models  # after flag parsing: imports TensorFlow

@@ -88,33 +88,63 @@ def _first_difference(before, now, prefix):
   return None if before == now else (prefix, before, now)
 
 
-def check_and_record_config(model_dir, config_dict, *, write=True):
+def read_recorded_config(model_dir):
+  """The config dict recorded in MODEL_DIR/config.json, or None when there is none.
+
+  Raises:
+    CheckpointError: the file exists but is not readable JSON.
+  """
+  path = os.path.join(model_dir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
+    raise errors.CheckpointError(
+        f'{path} is unreadable ({e}); it records the run in --model_dir={model_dir}. '
+        f'Restore it or use a new --model_dir.') from e
+
+
+def _without(d, dotted_names):
+  """A deep copy of the nested dict `d` without the leaves named `dotted_names`."""
+  d = copy.deepcopy(d)
+  for dotted in dotted_names:
+    *parents, leaf = dotted.split('.')
+    node = d
+    for part in parents:
+      node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+      node.pop(leaf, None)
+  return d
+
+
+def check_and_record_config(model_dir, config_dict, *, write=True, exempt=()):
   """Refuses a model dir recorded with an incompatible config; records ours.
+
+  Args:
+    exempt: dotted names of fields that only shape evaluation (e.g. a BNN's
+      `model_options.num_mc_samples`): they may differ from the record.
 
   Raises:
     CheckpointError: naming the first field that differs and the fix.
   """
-  path = os.path.join(model_dir, CONFIG_FILE)
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        old = json.load(f)
-    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
-      raise errors.CheckpointError(
-          f'{path} is unreadable ({e}); it records the run in --model_dir={model_dir}. '
-          f'Restore it or use a new --model_dir.') from e
-    old = _with_fields_added_later(old, config_dict)
+  old = read_recorded_config(model_dir)
+  if old is not None:
+    old = _without(_with_fields_added_later(old, config_dict), exempt)
+    now = _without(config_dict, exempt)
     for field in _INCOMPATIBLE:
-      diff = _first_difference(_get(old, field), _get(config_dict, field), field)
+      diff = _first_difference(_get(old, field), _get(now, field), field)
       if diff:
-        name, before, now = diff
+        name, before, now_value = diff
         flag = name.split('.')[-1]
         raise errors.CheckpointError(
             f'--model_dir={model_dir} holds a run with {flag}={before!r} ({name}), but '
-            f'this run has {flag}={now!r}; its checkpoint cannot be continued with '
+            f'this run has {flag}={now_value!r}; its checkpoint cannot be continued with '
             f'these flags. Use the same flags to resume, or a new --model_dir to start '
             f'over.')
   if write:
+    path = os.path.join(model_dir, CONFIG_FILE)
     os.makedirs(model_dir, exist_ok=True)
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:

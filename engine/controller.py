@@ -64,9 +64,11 @@ def build(config, strategy, *, data=None, record_config=True):
     data = load_data(config.data, config.train.seed)
   model_dir = config.train.model_dir
   config_dict = config_lib.to_dict(config)
+  exempt = tuple(f'model_options.{name}' for name in
+                 getattr(type(config.model_options), 'EVALUATION_FIELDS', ()))
   # Check now, record only once the checkpoint restored: a refused run must not
   # rewrite the dir's record of what its checkpoint holds.
-  checkpoints.check_and_record_config(model_dir, config_dict, write=False)
+  checkpoints.check_and_record_config(model_dir, config_dict, write=False, exempt=exempt)
   module = models.get(config.model)
   task = module.prepare_data(config.model_options, data, data_config=config.data,
                              seed=config.train.seed)
@@ -95,7 +97,7 @@ def build(config, strategy, *, data=None, record_config=True):
   if config.train.lr_schedule == 'constant':
     precision.inner_optimizer(optimizer).learning_rate = config.train.learning_rate
   if record_config and chief:
-    checkpoints.check_and_record_config(model_dir, config_dict)
+    checkpoints.check_and_record_config(model_dir, config_dict, exempt=exempt)
   return Experiment(config, strategy, data, task, module, model, optimizer, step, manager,
                     is_chief=chief, worker_dir=worker_dir)
 

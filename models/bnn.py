@@ -105,6 +105,9 @@ class BNNConfig:
   dropout_rate: float = 0.1
   ood_data_dir: Optional[str] = ''
 
+  # Fields that shape only evaluation: a checkpoint may be evaluated with other values.
+  EVALUATION_FIELDS = ('num_mc_samples', 'ood_data_dir')
+
   def __post_init__(self):
     for name, value, choices in (('task', self.task, TASKS),
                                  ('architecture', self.architecture, ARCHITECTURES),

@@ -132,7 +132,8 @@ def test_train_binary(trained):
 
 def test_evaluate_and_sample_binaries(trained, tmp_path):
   """bin.evaluate rewrites metrics.json from the checkpoint (with its own importance
-  sample count) and bin.sample writes a PNG grid of the requested size."""
+  sample count) and bin.sample, given only --model_dir and its own flags, writes a
+  PNG grid of the requested size."""
   model_dir, code, _, stderr = trained
   assert code == 0, stderr[-3000:]
   metrics_path = os.path.join(model_dir, 'metrics.json')
@@ -140,8 +141,9 @@ def test_evaluate_and_sample_binaries(trained, tmp_path):
   output = str(tmp_path / 'grid.png')
   evaluate = _start('bin.evaluate', f'--model_dir={model_dir}', '--eval_iw_samples=6',
                     *COMMON)
+  # Without the training flags: bin.sample takes them from the dir's config.json.
   sample = _start('bin.sample', f'--model_dir={model_dir}', f'--output={output}',
-                  '--num_samples=6', *COMMON)
+                  '--num_samples=6')
   code, stdout, stderr = _finish(evaluate)
   assert code == 0, stderr[-3000:]
   assert f'Wrote {metrics_path}' in stdout

@@ -50,7 +50,9 @@ def runs(tmp_path_factory):
   results = {name: _finish(proc) for name, proc in procs.items()}
   if results['train'][0] == 0:
     os.remove(os.path.join(model_dir, 'metrics.json'))
-    later = {'evaluate': _start('bin.evaluate', f'--model_dir={model_dir}', *COMMON),
+    # evaluate without the training flags: they come from the dir's config.json.
+    later = {'evaluate': _start('bin.evaluate', f'--model_dir={model_dir}',
+                                '--num_mc_samples=4'),
              'sample': _start('bin.sample', f'--model_dir={model_dir}', *COMMON)}
     results.update({name: _finish(proc) for name, proc in later.items()})
   return model_dir, results
@@ -78,7 +80,8 @@ def test_train_binary(runs):
 
 
 def test_evaluate_binary_writes_metrics(runs):
-  """bin.evaluate on the trained dir rewrites metrics.json (valid JSON, no images)
+  """bin.evaluate, given only --model_dir and --num_mc_samples (an evaluation field
+  that may differ from training's), rewrites metrics.json (valid JSON, no images)
   with the accuracy and the OOD figures of the step-20 checkpoint."""
   model_dir, results = runs
   code, stdout, stderr = results['evaluate']
@@ -88,7 +91,7 @@ def test_evaluate_binary_writes_metrics(runs):
   with open(metrics_path) as f:
     metrics = json.load(f)
   assert metrics['step'] == 20 and metrics['model'] == 'bnn'
-  assert metrics['num_mc_samples'] == 3
+  assert metrics['num_mc_samples'] == 4  # the flag given to evaluate, not the record's 3
   assert 0.0 <= metrics['accuracy'] <= 1.0
   assert np.isfinite(metrics['nll'])
   assert 0.0 <= metrics['ood/held_out_classes_mutual_information_auroc'] <= 1.0

@@ -215,6 +215,26 @@ def test_a_bnn_run_cannot_resume_with_another_posterior_scale(tmp_path, saved, r
   assert int(_build(_bnn_config(tmp_path, saved)).step.numpy()) == 3
 
 
+def test_a_bnn_checkpoint_is_evaluated_with_other_evaluation_fields(tmp_path):
+  """num_mc_samples and ood_data_dir (BNNConfig.EVALUATION_FIELDS) shape only the
+  evaluation: a build with other values restores the checkpoint; a structural field
+  (hidden_sizes) is still refused."""
+  assert bnn.BNNConfig.EVALUATION_FIELDS == ('num_mc_samples', 'ood_data_dir')
+  _saved_bnn_dir(tmp_path)
+  base = _bnn_config(tmp_path)
+  more_samples = dataclasses.replace(
+      base, model_options=dataclasses.replace(base.model_options, num_mc_samples=50))
+  assert int(_build(more_samples, record_config=False).step.numpy()) == 3
+  other_net = dataclasses.replace(
+      base, model_options=dataclasses.replace(base.model_options, hidden_sizes=(9,)))
+  with pytest.raises(errors.CheckpointError, match='hidden_sizes'):
+    _build(other_net, record_config=False)
+  # Without the exemption the same difference is refused.
+  with pytest.raises(errors.CheckpointError, match='num_mc_samples=10'):
+    checkpoints.check_and_record_config(str(tmp_path), config_lib.to_dict(more_samples),
+                                        write=False)
+
+
 def test_a_bnn_run_recorded_before_posterior_scale_existed_reads_as_softplus(tmp_path):
   """A config.json without model_options.posterior_scale ran with softplus: it resumes
   as softplus (and is then recorded with the field), and is refused as exp."""

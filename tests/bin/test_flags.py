@@ -1,0 +1,65 @@
+"""bin/flags.py in process: bin/evaluate.py and bin/sample.py take the flags they are
+not given from the config recorded in --model_dir."""
+import dataclasses
+
+from absl.testing import flagsaver
+
+from bin import flags as flag_lib
+from engine import checkpoints
+from engine import config as config_lib
+from models import bnn
+from models import vae
+from tests.bin.test_bnn_binaries import parsed_flags  # pylint: disable=unused-import
+
+
+def _record(model_dir, config):
+  checkpoints.check_and_record_config(str(model_dir), config_lib.to_dict(config))
+
+
+def test_unset_flags_take_the_recorded_values(parsed_flags, tmp_path):
+  """Every recorded field (ints, lists, None, enums) comes back as the same config;
+  a flag on the command line wins over the record."""
+  recorded = config_lib.ExperimentConfig(
+      model='vae',
+      model_options=vae.VAEConfig(encoder_sizes=(32, 16), decoder_sizes=(24,),
+                                  latent_dim=4, kl_warmup_steps=5000,
+                                  posterior='full_cov'),
+      data=config_lib.DataConfig(dataset='synthetic', synthetic_train_size=96),
+      train=config_lib.TrainConfig(model_dir=str(tmp_path), batch_size=32, seed=3,
+                                   lr_schedule='cosine', learning_rate=3e-4,
+                                   eval_iw_samples=100, profile_steps=(2, 4),
+                                   jit_compile=False))
+  _record(tmp_path, recorded)
+  with flagsaver.flagsaver():
+    parsed_flags(['evaluate', f'--model_dir={tmp_path}', '--eval_iw_samples=2000'])
+    assert flag_lib.adopt_recorded_config() == str(tmp_path / checkpoints.CONFIG_FILE)
+    config = flag_lib.experiment_config()
+  assert config.model == 'vae'
+  assert config.model_options == recorded.model_options
+  assert config.data == recorded.data
+  assert config.train == dataclasses.replace(recorded.train, eval_iw_samples=2000)
+
+
+def test_the_model_name_comes_from_the_record(parsed_flags, tmp_path):
+  """A BNN dir needs no --model=bnn; an explicit --num_mc_samples overrides."""
+  recorded = config_lib.ExperimentConfig(
+      model='bnn', model_options=bnn.BNNConfig(hidden_sizes=(16,), train_classes=(0, 1, 2),
+                                               bnn_layer='reparameterization'),
+      data=config_lib.DataConfig(dataset='synthetic'),
+      train=config_lib.TrainConfig(model_dir=str(tmp_path), eval_iw_samples=0))
+  _record(tmp_path, recorded)
+  with flagsaver.flagsaver():
+    parsed_flags(['evaluate', f'--model_dir={tmp_path}', '--num_mc_samples=50'])
+    flag_lib.adopt_recorded_config()
+    config = flag_lib.experiment_config()
+  assert config.model == 'bnn'
+  assert config.model_options == dataclasses.replace(recorded.model_options,
+                                                     num_mc_samples=50)
+
+
+def test_a_dir_without_a_record_leaves_the_flags(parsed_flags, tmp_path):
+  with flagsaver.flagsaver():
+    parsed_flags(['evaluate', f'--model_dir={tmp_path}', '--latent_dim=7'])
+    assert flag_lib.adopt_recorded_config() is None
+    config = flag_lib.experiment_config()
+  assert config.model_options == vae.VAEConfig(latent_dim=7)
