@@ -70,6 +70,9 @@ def define_flags():
                       'mixture of --prior_components diagonal Gaussians) | vamp (the '
                       'VampPrior: a mixture of the posteriors of --prior_components learned '
                       'pseudo-inputs). mixture and vamp need --kl=monte_carlo.')
+  flags.DEFINE_string('activation', 'relu',
+                      'VAE hidden-layer nonlinearity (MLP, conv and MADE): relu | elu | '
+                      'swish | softplus | tanh.')
   flags.DEFINE_integer('prior_components', 100,
                        'Components of --latent_prior=mixture or pseudo-inputs of vamp (> 0).')
   flags.DEFINE_integer('kl_warmup_steps', 0,

@@ -51,7 +51,8 @@ _VALUE_BEFORE_FIELD_EXISTED = {'train.precision': 'float32', 'train.lr_schedule'
                                'model_options.posterior_scale': 'softplus',
                                'model_options.decoder': 'factorized',
                                'model_options.latent_prior': 'normal',
-                               'model_options.prior_components': 100}
+                               'model_options.prior_components': 100,
+                               'model_options.activation': 'relu'}
 
 
 def _get(d, dotted):

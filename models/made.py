@@ -67,18 +67,19 @@ class AutoregressiveDecoder(tf_keras.layers.Layer):
   Call with (x [N, D] in {0, 1}, z [N, d]); returns logits [N, D].
   """
 
-  def __init__(self, num_pixels, hidden_sizes, *, seed=0, **kwargs):
+  def __init__(self, num_pixels, hidden_sizes, *, seed=0, activation='relu', **kwargs):
     super().__init__(**kwargs)
     self.num_pixels = int(num_pixels)
+    self.activation = tf_keras.activations.get(activation)
     init = lambda i: tf_keras.initializers.GlorotUniform(seed=seed + i)
     degrees = np.arange(1, self.num_pixels + 1)
     self.hidden = []
     for i, units in enumerate(hidden_sizes):
       next_degrees = hidden_degrees(units, self.num_pixels)
-      # The first layer's relu comes after z's contribution is added (in `call`).
+      # The first layer's activation comes after z's contribution is added (`call`).
       self.hidden.append(MaskedDense(
           connectivity_mask(degrees, next_degrees, strict=False),
-          activation=None if i == 0 else 'relu', kernel_initializer=init(i),
+          activation=None if i == 0 else activation, kernel_initializer=init(i),
           name=f'made_hidden{i}'))
       degrees = next_degrees
     self.latent_in = tf_keras.layers.Dense(
@@ -91,7 +92,7 @@ class AutoregressiveDecoder(tf_keras.layers.Layer):
         name='made_latent_out', dtype='float32')
 
   def call(self, x, z):
-    h = tf.nn.relu(self.hidden[0](x) + self.latent_in(z))
+    h = self.activation(self.hidden[0](x) + self.latent_in(z))
     for layer in self.hidden[1:]:
       h = layer(h)
     return self.out(h) + self.latent_out(z)

@@ -29,6 +29,7 @@ ARCHITECTURES = ('mlp', 'conv')
 POSTERIORS = ('diag', 'full_cov')
 LIKELIHOODS = ('bernoulli', 'gaussian')
 DECODERS = ('factorized', 'autoregressive')
+ACTIVATIONS = ('relu', 'elu', 'swish', 'softplus', 'tanh')  # tf_keras activation names
 LATENT_PRIORS = latent_priors.LATENT_PRIORS
 
 
@@ -60,6 +61,7 @@ class VAEConfig:
       of learned pseudo-inputs); see models/latent_priors.py. The learned priors
       have no closed-form KL: they need kl='monte_carlo'.
     prior_components: K, the mixture's components or the VampPrior's pseudo-inputs.
+    activation: nonlinearity of every hidden layer (MLP, conv and MADE).
   """
   architecture: str = 'mlp'
   encoder_sizes: Tuple[int, ...] = (512, 256)
@@ -76,6 +78,7 @@ class VAEConfig:
   kl_warmup_steps: int = 0
   latent_prior: str = 'normal'
   prior_components: int = 100
+  activation: str = 'relu'
 
   def __post_init__(self):
     for name, value, choices in (('architecture', self.architecture, ARCHITECTURES),
@@ -84,7 +87,8 @@ class VAEConfig:
                                  ('decoder', self.decoder, DECODERS),
                                  ('objective', self.objective, objectives.OBJECTIVES),
                                  ('kl', self.kl, objectives.KL_ESTIMATORS),
-                                 ('latent_prior', self.latent_prior, LATENT_PRIORS)):
+                                 ('latent_prior', self.latent_prior, LATENT_PRIORS),
+                                 ('activation', self.activation, ACTIVATIONS)):
       if value not in choices:
         raise errors.ConfigError(
             f'--{name}={value!r} is not known; choose one of: {", ".join(choices)}.')
@@ -152,9 +156,9 @@ class _MultivariateNormalTriL(_RegularizeDistributionOnly, tfpl.MultivariateNorm
   pass
 
 
-def _mlp(sizes, name, seed):
+def _mlp(sizes, name, seed, activation):
   return [tf_keras.layers.Dense(
-      s, activation='relu', name=f'{name}_dense{i}',
+      s, activation=activation, name=f'{name}_dense{i}',
       kernel_initializer=tf_keras.initializers.GlorotUniform(seed=seed + i))
           for i, s in enumerate(sizes)]
 
@@ -224,10 +228,11 @@ class VAE(tf.Module):
           name='approx_posterior', dtype='float32')
 
     init = lambda i: tf_keras.initializers.GlorotUniform(seed=seed * 1000 + i)
+    act = config.activation
     if config.architecture == 'mlp':
       enc = ([tf_keras.layers.Flatten(name='flatten')]
-             + _mlp(config.encoder_sizes, 'encoder', seed * 1000))
-      dec = _mlp(config.decoder_sizes, 'decoder', seed * 1000 + 100)
+             + _mlp(config.encoder_sizes, 'encoder', seed * 1000, act))
+      dec = _mlp(config.decoder_sizes, 'decoder', seed * 1000 + 100, act)
       out_init = init(200)
       dec_out = [tf_keras.layers.Dense(num_pixels, kernel_initializer=out_init,
                                        name='decoder_out', dtype='float32'),
@@ -238,17 +243,17 @@ class VAE(tf.Module):
         raise errors.ConfigError(
             f'--architecture=conv needs image height and width divisible by 4; the data '
             f'has {h}x{w}. Use --architecture=mlp.')
-      enc = [tf_keras.layers.Conv2D(f1, 5, 2, 'same', activation='relu',
+      enc = [tf_keras.layers.Conv2D(f1, 5, 2, 'same', activation=act,
                                     kernel_initializer=init(0), name='encoder_conv0'),
-             tf_keras.layers.Conv2D(f2, 5, 2, 'same', activation='relu',
+             tf_keras.layers.Conv2D(f2, 5, 2, 'same', activation=act,
                                     kernel_initializer=init(1), name='encoder_conv1'),
              tf_keras.layers.Flatten(name='flatten')]
-      enc += _mlp(config.encoder_sizes[:1], 'encoder', seed * 1000 + 10)
-      dec = _mlp(config.decoder_sizes[:1], 'decoder', seed * 1000 + 100)
-      dec += [tf_keras.layers.Dense(h // 4 * w // 4 * f2, activation='relu',
+      enc += _mlp(config.encoder_sizes[:1], 'encoder', seed * 1000 + 10, act)
+      dec = _mlp(config.decoder_sizes[:1], 'decoder', seed * 1000 + 100, act)
+      dec += [tf_keras.layers.Dense(h // 4 * w // 4 * f2, activation=act,
                                     kernel_initializer=init(110), name='decoder_dense_up'),
               tf_keras.layers.Reshape((h // 4, w // 4, f2)),
-              tf_keras.layers.Conv2DTranspose(f1, 5, 2, 'same', activation='relu',
+              tf_keras.layers.Conv2DTranspose(f1, 5, 2, 'same', activation=act,
                                               kernel_initializer=init(111),
                                               name='decoder_deconv0')]
       out_init = init(200)
@@ -264,7 +269,8 @@ class VAE(tf.Module):
         name='encoder')
     if config.decoder == 'autoregressive':
       self.decoder = made.AutoregressiveDecoder(num_pixels, config.decoder_sizes,
-                                                seed=seed * 1000 + 400, name='decoder')
+                                                seed=seed * 1000 + 400, activation=act,
+                                                name='decoder')
       self.decoder(tf.zeros([1, num_pixels]), tf.zeros([1, d]))  # builds the weights
     else:
       self.decoder = tf_keras.Sequential([tf_keras.Input((d,))] + dec + dec_out,

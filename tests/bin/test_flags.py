@@ -63,3 +63,9 @@ def test_a_dir_without_a_record_leaves_the_flags(parsed_flags, tmp_path):
     assert flag_lib.adopt_recorded_config() is None
     config = flag_lib.experiment_config()
   assert config.model_options == vae.VAEConfig(latent_dim=7)
+
+
+def test_every_vae_field_has_a_flag(parsed_flags):
+  """A VAEConfig field without a flag could be neither set nor adopted from a record."""
+  for field in dataclasses.fields(vae.VAEConfig):
+    assert field.name in parsed_flags, field.name

@@ -253,21 +253,25 @@ def test_a_bnn_run_recorded_before_posterior_scale_existed_reads_as_softplus(tmp
   assert 'posterior_scale' not in _recorded(vae_dir)['model_options']
 
 
-def test_a_vae_run_recorded_before_the_decoder_field_reads_as_factorized(tmp_path):
-  """A config.json without model_options.decoder ran with the factorized decoder: it
-  resumes as factorized, and a resume with --decoder=autoregressive is refused."""
+@pytest.mark.parametrize('field,before,other', [('decoder', 'factorized', 'autoregressive'),
+                                                 ('activation', 'relu', 'swish')])
+def test_a_vae_run_recorded_before_a_field_existed_reads_as_its_old_value(
+    tmp_path, field, before, other):
+  """A config.json without model_options.decoder (or .activation) ran with the
+  factorized decoder (relu): it resumes as that, and a resume with another value is
+  refused."""
   _saved_dir(tmp_path, step=7)
   recorded = _recorded(tmp_path)
-  del recorded['model_options']['decoder']
+  del recorded['model_options'][field]
   with open(os.path.join(tmp_path, checkpoints.CONFIG_FILE), 'w') as f:
     json.dump(recorded, f)
   exp = _build(_config(tmp_path, train_steps=100))
   assert int(exp.step.numpy()) == 7
-  assert _recorded(tmp_path)['model_options']['decoder'] == 'factorized'
+  assert _recorded(tmp_path)['model_options'][field] == before
   config = _config(tmp_path, train_steps=100)
   config = dataclasses.replace(config, model_options=dataclasses.replace(
-      config.model_options, decoder='autoregressive'))
-  with pytest.raises(errors.CheckpointError, match="decoder='factorized'"):
+      config.model_options, **{field: other}))
+  with pytest.raises(errors.CheckpointError, match=f"{field}='{before}'"):
     _build(config)
 
 

@@ -6,6 +6,7 @@ random binary pixels, so the whole file runs in well under a minute on CPU.
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras
 
 from engine import errors
 from engine import objectives
@@ -392,6 +393,7 @@ def test_iwae_with_50_samples_bounds_the_elbo_from_above():
     dict(objective='iwae', num_iw_samples=3),
     dict(posterior='full_cov'),
     dict(posterior='full_cov', kl='regularizer'),
+    dict(activation='swish'),
 ])
 @pytest.mark.parametrize('likelihood', ['gaussian', 'bernoulli'])
 def test_every_trainable_variable_gets_a_gradient(overrides, likelihood):
@@ -419,6 +421,32 @@ def test_every_trainable_variable_gets_a_gradient(overrides, likelihood):
     grad = tf.convert_to_tensor(grad).numpy()
     assert np.all(np.isfinite(grad)), name
     assert np.any(grad != 0.0), name
+
+
+@pytest.mark.parametrize('architecture,decoder', [('mlp', 'factorized'), ('conv', 'factorized'),
+                                                   ('mlp', 'autoregressive')])
+def test_activation_reaches_every_hidden_layer(architecture, decoder):
+  """--activation=tanh puts tanh in every hidden layer (none in the output layers),
+  and the same weights give other outputs than relu."""
+  overrides = dict(architecture=architecture, decoder=decoder, likelihood='bernoulli')
+  if architecture == 'conv':
+    overrides.update(encoder_sizes=(16,), decoder_sizes=(16,), conv_filters=(4, 8))
+  relu = _model(**overrides)
+  tanh = _model(activation='tanh', **overrides)
+
+  def nonlinearities(model):
+    return [layer.activation for net in (model.encoder, model.decoder)
+            for layer in (net, *net.submodules)
+            if getattr(layer, 'activation', None) not in (None, tf_keras.activations.linear)]
+
+  assert len(nonlinearities(tanh)) >= 2  # one hidden layer each way at least
+  assert all(a is tf_keras.activations.tanh for a in nonlinearities(tanh))
+  assert all(a is tf_keras.activations.relu for a in nonlinearities(relu))
+  for a, b in zip(relu.trainable_variables, tanh.trainable_variables):
+    b.assign(a)
+  x = _images(4)
+  terms = [m.loss_terms(x, seed=_seed(2), kl_weight=1.0)[0].numpy() for m in (relu, tanh)]
+  assert not np.allclose(terms[0], terms[1])
 
 
 def test_regularizer_gradient_matches_analytic_gradient():
@@ -560,6 +588,7 @@ def test_eval_terms_log_likelihood_is_seeded_and_checks_chunking():
     (dict(latent_dim=0), '--latent_dim'),
     (dict(num_iw_samples=0, objective='iwae'), '--num_iw_samples'),
     (dict(kl_warmup_steps=-1), '--kl_warmup_steps'),
+    (dict(activation='gelu'), '--activation'),
 ])
 def test_config_validation_names_the_flag(overrides, flag):
   """Each bad field raises ConfigError (a ValueError) whose message names the flag."""
