@@ -61,7 +61,8 @@ import models
 from models import vae as vae_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-ALL_VARIANTS = ('engine', 'engine_xla', 'eager', 'tf_function', 'tf_function_xla',
+ALL_VARIANTS = ('engine', 'engine_xla', 'engine_xla_inline', 'eager', 'tf_function',
+                'tf_function_xla',
                 'keras_spe1', 'keras_spe1_xla', 'keras_spe50', 'keras_spe50_xla')
 
 FLAGS = flags.FLAGS
@@ -223,8 +224,9 @@ class EngineVariant(Variant):
   engine = True
 
   def __init__(self, name, batch_size, *, data, jit_compile, steps_per_loop, seed,
-               root_dir):
+               root_dir, prefetch_noise=True):
     super().__init__(name, batch_size)
+    self._prefetch = prefetch_noise
     self._data = data
     self._jit = jit_compile
     self._steps_per_loop = steps_per_loop
@@ -245,7 +247,8 @@ class EngineVariant(Variant):
     exp = controller.build(config, strategy, data=self._data)
     self.model = exp.model
     self._step = exp.step
-    self._loop, self._iterator = controller.make_train_loop(exp)
+    self._loop, self._iterator = controller.make_train_loop(
+        exp, prefetch_noise=None if self._prefetch else False)
 
   def tracing_count(self):
     """How often the engine's compiled loop has been traced (1 = never retraced)."""
@@ -365,10 +368,13 @@ def make_variants(names, data, batch_sizes, root_dir):
   seed, b = FLAGS.seed, FLAGS.batch_size
   out = []
   for name in names:
-    if name in ('engine', 'engine_xla'):
-      out.append(EngineVariant(name, b, data=data, jit_compile=name == 'engine_xla',
+    if name in ('engine', 'engine_xla', 'engine_xla_inline'):
+      # engine_xla_inline: the binarization noise drawn inside the step, not one step
+      # ahead beside it (--prefetch_noise=false), to show what prefetching buys.
+      out.append(EngineVariant(name, b, data=data, jit_compile=name != 'engine',
                                steps_per_loop=FLAGS.steps_per_loop, seed=seed,
-                               root_dir=root_dir))
+                               root_dir=root_dir,
+                               prefetch_noise=name != 'engine_xla_inline'))
     elif name == 'eager':
       out.append(StepFunctionVariant(name, b, data=data, mode='eager', seed=seed))
     elif name in ('tf_function', 'tf_function_xla'):

@@ -100,9 +100,10 @@ def define_flags():
   flags.DEFINE_integer('keep_checkpoints', 3, 'Checkpoints kept (> 0).')
   flags.DEFINE_boolean('jit_compile', True, 'Compile each training step with XLA.')
   flags.DEFINE_boolean('prefetch_noise', True,
-                       "With --jit_compile: draw the next step's weight noise (BNN "
-                       'reparameterization/Flipout) beside the running step, on '
-                       'another core. The same noise either way.')
+                       "With --jit_compile: draw the next step's shared noise (a BNN's "
+                       'reparameterization/Flipout weight noise; the binarization noise '
+                       'of the in-memory input) beside the running step, on another '
+                       'core. The same noise either way.')
   flags.DEFINE_enum('xla_cpu_vector_width', 'auto', list(xla_cpu.VECTOR_WIDTHS),
                     "XLA:CPU's preferred vector width for compiled loops: auto (512 on a "
                     "CPU with AVX-512), default (XLA's own, 256), 256 or 512. A width "

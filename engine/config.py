@@ -73,7 +73,8 @@ class TrainConfig:
     keep_checkpoints: how many checkpoints to keep.
     jit_compile: compile the training loop with XLA.
     prefetch_noise: with jit_compile, draw the noise a step shares across its batch
-      (a BNN's weight noise) one step ahead, in its own XLA program that runs
+      (a BNN's weight noise; the in-memory input's binarization noise) one step
+      ahead, in its own XLA program that runs
       beside the step (engine/loop.py). The same noise either way.
     seed: one seed for initialisation, data order, binarization and sampling.
     eval_batch_size: test batch size.

@@ -197,7 +197,8 @@ def make_train_loop(exp, *, stop_requested=None, prefetch_noise=None):
     keys += ('skipped', 'loss_scale')
   if prefetch_noise is None:
     prefetch_noise = t.prefetch_noise and jit_compile(exp)
-  shared_noise_fn = (step_lib.make_shared_noise_fn(exp.model, seed=t.seed)
+  shared_noise_fn = (step_lib.make_shared_noise_fn(exp.model, seed=t.seed,
+                                                   train_input=train_input)
                      if prefetch_noise else None)
   train_loop = loop_lib.TrainLoop(
       replica_step, train_input, strategy=strategy, step_counter=exp.step,

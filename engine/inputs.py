@@ -111,11 +111,14 @@ class _OrderedInput:
     self.seed = seed
     self.binarize = binarize
 
-  def _replica_images(self, images_uint8, step, replica_id):
-    """Float images of one replica's slice; binarized with global-batch noise."""
+  def _replica_images(self, images_uint8, step, replica_id, noise=None):
+    """Float images of one replica's slice; binarized with global-batch noise
+    (`noise`, when the loop drew it ahead, is that same noise)."""
     x = to_unit_interval(images_uint8)
     if self.binarize:
-      noise = binarization_noise(self.seed, step, self.global_batch_size, self.image_shape)
+      if noise is None:
+        noise = binarization_noise(self.seed, step, self.global_batch_size,
+                                   self.image_shape)
       noise = noise[replica_id * self.per_replica_batch:
                     (replica_id + 1) * self.per_replica_batch]
       x = tf.cast(noise < x, tf.float32)
@@ -161,11 +164,23 @@ class InMemoryTrainInput(_OrderedInput):
     start = tf.cast(position, tf.int32) * self.global_batch_size
     return tf.slice(self._perm, [start], [self.global_batch_size])
 
-  def replica_batch(self, indices, step):
-    """Replica context: this replica's slice of the global batch."""
+  @property
+  def draws_shared_noise(self):
+    """Whether `shared_noise` has anything to draw (engine/step.py): the global
+    batch's binarization noise, a function of (seed, step) only."""
+    return self.binarize
+
+  def shared_noise(self, step):
+    """The binarization noise of step `step`'s global batch."""
+    return binarization_noise(self.seed, step, self.global_batch_size, self.image_shape)
+
+  def replica_batch(self, indices, step, shared_noise=None):
+    """Replica context: this replica's slice of the global batch. `shared_noise`:
+    `shared_noise(step)`, drawn beforehand (the same noise as drawn here)."""
     rid = tf.distribute.get_replica_context().replica_id_in_sync_group
     mine = indices[rid * self.per_replica_batch:(rid + 1) * self.per_replica_batch]
-    batch = {'image': self._replica_images(tf.gather(self._images, mine), step, rid)}
+    batch = {'image': self._replica_images(tf.gather(self._images, mine), step, rid,
+                                           shared_noise)}
     if self._targets is not None:
       batch['target'] = tf.gather(self._targets, mine)
     return batch

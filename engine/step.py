@@ -16,21 +16,32 @@ def step_noise_seed(seed, step):
   return inputs.step_seed(seed, step, _SAMPLING_SALT)
 
 
-def make_shared_noise_fn(model, *, seed):
-  """draw(step) -> the model's shared noise for that step, or None if it has none.
+def make_shared_noise_fn(model, *, seed, train_input=None):
+  """draw(step) -> the noise of that step shared across its batch, or None if none.
 
-  A model whose step draws noise shared by the whole batch (a BNN's weight noise,
-  as big as its weights) can offer it as `shared_noise(noise)`, with the property
-  `draws_shared_noise`, and accept it back as `train_terms(..., shared_noise=)`.
-  It depends only on (seed, step), not on the replica, the batch or the weights,
+  Two sources offer it, each with the property `draws_shared_noise`:
+  - a model whose step draws noise shared by the whole batch (a BNN's weight noise,
+    as big as its weights), as `shared_noise(noise)`, taken back by
+    `train_terms(..., shared_noise=)`;
+  - the in-memory input, whose binarization noise covers the global batch, as
+    `shared_noise(step)`, taken back by `replica_batch(..., shared_noise=)`.
+  Both depend only on (seed, step), not on the replica, the batch or the weights,
   so `engine.loop.TrainLoop` draws step s + 1's while step s runs, side by side
   (benchmarks/RESULTS.md: +14% examples/sec for a reparameterization MLP on CPU).
+  draw(step) returns a dict with the key 'model', 'input' or both.
   """
-  if not getattr(model, 'draws_shared_noise', False):
+  from_model = getattr(model, 'draws_shared_noise', False)
+  from_input = getattr(train_input, 'draws_shared_noise', False)
+  if not (from_model or from_input):
     return None
 
   def draw(step):
-    return model.shared_noise(sampling.Noise(step_noise_seed(seed, step)))
+    out = {}
+    if from_model:
+      out['model'] = model.shared_noise(sampling.Noise(step_noise_seed(seed, step)))
+    if from_input:
+      out['input'] = train_input.shared_noise(step)
+    return out
 
   return draw
 
@@ -42,8 +53,9 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
   The model supplies `train_terms(batch, *, noise, step)` -> (per_example_loss [B],
   regularization scalar, measurements), where each measurement is either
   per-example [B] or a replica-invariant scalar (e.g. a BNN's KL or KL weight).
-  `shared_noise`, when given, is `make_shared_noise_fn(model, seed=seed)(step)`
-  (drawn by the loop ahead of the step) and is passed on to `train_terms`.
+  `shared_noise`, when given, is `make_shared_noise_fn(model, seed=seed,
+  train_input=train_input)(step)` (drawn by the loop ahead of the step); its
+  'model' part goes to `train_terms`, its 'input' part to `replica_batch`.
 
   Every returned value is a share that sums over replicas (strategy.reduce SUM) to
   the global figure: per-example terms as sum / global batch, replica-invariant
@@ -63,12 +75,16 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
   """
 
   def replica_step(args, step, measure, shared_noise=None):
-    batch = train_input.replica_batch(args, step)
+    shared_noise = shared_noise or {}
+    batch = train_input.replica_batch(
+        args, step, **({'shared_noise': shared_noise['input']} if 'input' in shared_noise
+                       else {}))
     ctx = tf.distribute.get_replica_context()
     num_replicas = ctx.num_replicas_in_sync
     noise = sampling.Noise(step_noise_seed(seed, step),
                            ctx.replica_id_in_sync_group, num_replicas)
-    extra_args = {} if shared_noise is None else {'shared_noise': shared_noise}
+    extra_args = ({'shared_noise': shared_noise['model']} if 'model' in shared_noise
+                  else {})
     with tf.GradientTape() as tape:
       per_example, regularization, measurements = model.train_terms(
           batch, noise=noise, step=step, **extra_args)

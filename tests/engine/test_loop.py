@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from engine import config as config_lib
 from engine import controller
+from engine import inputs
 from engine import step as step_lib
 from models import bnn
 from models import vae
@@ -188,6 +189,15 @@ def _bnn_config(model_dir, layer, *, jit_compile, prefetch_noise=True):
           prefetch_noise=prefetch_noise, eval_batch_size=32, eval_iw_samples=0))
 
 
+def _noise_config(model_dir, kind, *, jit_compile, prefetch_noise=True):
+  """A Flipout BNN (weight noise) or the VAE on binarized data (binarization noise)."""
+  if kind == 'vae':
+    config = _config(model_dir, learning_rate=1e-2)
+    return dataclasses.replace(config, train=dataclasses.replace(
+        config.train, jit_compile=jit_compile, prefetch_noise=prefetch_noise))
+  return _bnn_config(model_dir, kind, jit_compile=jit_compile, prefetch_noise=prefetch_noise)
+
+
 def _train_in_calls(train_loop, iterator, exp, calls):
   means = [_call(train_loop, iterator, n) for n in calls]
   return means, [v.numpy() for v in exp.model.trainable_variables]
@@ -204,17 +214,18 @@ def _assert_same_training(a, b, rtol):
     np.testing.assert_allclose(w_a, w_b, rtol=rtol, atol=1e-6)
 
 
-@pytest.mark.parametrize('layer', ['reparameterization', 'flipout'])
+@pytest.mark.parametrize('layer', ['reparameterization', 'flipout', 'vae'])
 def test_prefetched_weight_noise_trains_as_inline_noise(tmp_path, default_strategy, layer):
-  """Under XLA, weight noise drawn one step ahead beside the step (the default)
-  trains exactly as noise drawn inside the step: the same measurements and weights
-  over calls of 3, 1 and 4 steps (the noise carried across steps of a call, drawn
-  afresh at each call). The learning rate is large, so a step given another step's
-  noise would leave other weights."""
+  """Under XLA, shared noise (a BNN's weight noise, the VAE's binarization noise)
+  drawn one step ahead beside the step (the default) trains exactly as noise drawn
+  inside the step: the same measurements and weights over calls of 3, 1 and 4 steps
+  (the noise carried across steps of a call, drawn afresh at each call). The
+  learning rate is large, so a step given another step's noise would leave other
+  weights."""
   runs = {}
   for prefetch in (True, False):
-    exp = controller.build(_bnn_config(tmp_path / str(prefetch), layer, jit_compile=True,
-                                       prefetch_noise=prefetch), default_strategy)
+    exp = controller.build(_noise_config(tmp_path / str(prefetch), layer, jit_compile=True,
+                                         prefetch_noise=prefetch), default_strategy)
     train_loop, iterator = controller.make_train_loop(exp)
     runs[prefetch] = _train_in_calls(train_loop, iterator, exp, (3, 1, 4))
     assert int(exp.step.numpy()) == 8
@@ -222,35 +233,48 @@ def test_prefetched_weight_noise_trains_as_inline_noise(tmp_path, default_strate
   _assert_same_training(runs[True], runs[False], rtol=1e-4)
 
 
+@pytest.mark.parametrize('kind', ['flipout', 'vae'])
 def test_prefetched_weight_noise_under_mirrored_strategy(tmp_path, default_strategy,
-                                                         mirrored_strategy):
-  """Two replicas given the prefetched noise (drawn once, outside the replicas)
-  train as one replica drawing it inline, at the same global batch."""
+                                                         mirrored_strategy, kind):
+  """Two replicas given the prefetched noise (drawn once, outside the replicas; each
+  replica takes its slice of the binarization noise) train as one replica drawing
+  it inline, at the same global batch."""
   runs = []
   for strategy, prefetch in ((mirrored_strategy, True), (default_strategy, False)):
     model_dir = tmp_path / str(prefetch)
-    exp = controller.build(_bnn_config(model_dir, 'flipout', jit_compile=False),
-                           strategy)
+    exp = controller.build(_noise_config(model_dir, kind, jit_compile=False), strategy)
     train_loop, iterator = controller.make_train_loop(exp, prefetch_noise=prefetch)
     runs.append(_train_in_calls(train_loop, iterator, exp, (2, 3)))
   _assert_same_training(runs[0], runs[1], rtol=1e-4)
 
 
-@pytest.mark.parametrize('model,layer,expected', [
-    ('bnn', 'reparameterization', True), ('bnn', 'flipout', True),
-    ('bnn', 'local_reparameterization', False), ('bnn', 'deterministic', False),
-    ('bnn', 'mc_dropout', False), ('vae', None, False)])
-def test_only_models_with_weight_noise_prefetch(tmp_path, default_strategy, model, layer,
-                                                expected):
-  """Only reparameterization and Flipout BNNs draw noise shared by the batch."""
+@pytest.mark.parametrize('model,layer,pipeline,expected', [
+    ('bnn', 'reparameterization', 'in_memory', {'model'}),
+    ('bnn', 'flipout', 'in_memory', {'model'}),
+    ('bnn', 'local_reparameterization', 'in_memory', set()),
+    ('bnn', 'deterministic', 'in_memory', set()), ('bnn', 'mc_dropout', 'in_memory', set()),
+    ('vae', None, 'in_memory', {'input'}), ('vae', None, 'tf_data', set())])
+def test_what_draws_shared_noise(tmp_path, default_strategy, model, layer, pipeline,
+                                 expected):
+  """Reparameterization and Flipout BNNs draw weight noise shared by the batch, and
+  the in-memory input the global batch's binarization noise (tf.data binarizes in
+  its own pipeline); nothing else prefetches."""
   if model == 'vae':
-    config = _config(tmp_path)
+    config = _config(tmp_path, pipeline=pipeline)
   else:
     config = _bnn_config(tmp_path, layer, jit_compile=False)
   exp = controller.build(config, default_strategy)
-  draw = step_lib.make_shared_noise_fn(exp.model, seed=0)
-  assert (draw is not None) == expected
-  if expected:
-    noise = draw(tf.constant(3, tf.int64))
+  train_input = inputs.make_train_input(
+      pipeline, exp.task.train_images, strategy=default_strategy, global_batch_size=BATCH,
+      seed=0, binarize=exp.task.binarize, targets=exp.task.train_targets)
+  draw = step_lib.make_shared_noise_fn(exp.model, seed=0, train_input=train_input)
+  assert (draw is not None) == bool(expected)
+  if not expected:
+    return
+  noise = draw(tf.constant(3, tf.int64))
+  assert set(noise) == expected
+  if 'model' in noise:
     kernels = {layer.name: layer.kernel_loc.shape for layer in exp.model.weight_layers}
-    assert {k: v.shape for k, v in noise.items()} == kernels
+    assert {k: v.shape for k, v in noise['model'].items()} == kernels
+  if 'input' in noise:
+    assert noise['input'].shape == (BATCH, *exp.task.train_images.shape[1:])
