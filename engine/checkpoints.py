@@ -61,6 +61,15 @@ def _get(d, dotted):
   return d
 
 
+def _parent(d, dotted):
+  """(the dict holding the leaf named `dotted`, the leaf's key); the dict is None
+  when a parent is missing."""
+  *parents, leaf = dotted.split('.')
+  for part in parents:
+    d = d.get(part) if isinstance(d, dict) else None
+  return (d if isinstance(d, dict) else None), leaf
+
+
 def _with_fields_added_later(old, now):
   """A copy of the recorded config `old` in which each field of
   _VALUE_BEFORE_FIELD_EXISTED that it lacks, and this run's config `now` has, holds
@@ -69,11 +78,8 @@ def _with_fields_added_later(old, now):
   for dotted, value in _VALUE_BEFORE_FIELD_EXISTED.items():
     if _get(now, dotted) == {}:
       continue
-    *parents, leaf = dotted.split('.')
-    d = old
-    for part in parents:
-      d = d.get(part) if isinstance(d, dict) else None
-    if isinstance(d, dict) and leaf not in d:
+    d, leaf = _parent(old, dotted)
+    if d is not None and leaf not in d:
       d[leaf] = value
   return old
 
@@ -111,11 +117,8 @@ def _without(d, dotted_names):
   """A deep copy of the nested dict `d` without the leaves named `dotted_names`."""
   d = copy.deepcopy(d)
   for dotted in dotted_names:
-    *parents, leaf = dotted.split('.')
-    node = d
-    for part in parents:
-      node = node.get(part) if isinstance(node, dict) else None
-    if isinstance(node, dict):
+    node, leaf = _parent(d, dotted)
+    if node is not None:
       node.pop(leaf, None)
   return d
 

@@ -111,14 +111,21 @@ class _OrderedInput:
     self.seed = seed
     self.binarize = binarize
 
+  # Whether `shared_noise` is worth drawing ahead of the step (engine/step.py).
+  draws_shared_noise = False
+
+  def shared_noise(self, step):
+    """The binarization noise of step `step`'s global batch (a function of
+    (seed, step) only)."""
+    return binarization_noise(self.seed, step, self.global_batch_size, self.image_shape)
+
   def _replica_images(self, images_uint8, step, replica_id, noise=None):
     """Float images of one replica's slice; binarized with global-batch noise
     (`noise`, when the loop drew it ahead, is that same noise)."""
     x = to_unit_interval(images_uint8)
     if self.binarize:
       if noise is None:
-        noise = binarization_noise(self.seed, step, self.global_batch_size,
-                                   self.image_shape)
+        noise = self.shared_noise(step)
       noise = noise[replica_id * self.per_replica_batch:
                     (replica_id + 1) * self.per_replica_batch]
       x = tf.cast(noise < x, tf.float32)
@@ -166,13 +173,9 @@ class InMemoryTrainInput(_OrderedInput):
 
   @property
   def draws_shared_noise(self):
-    """Whether `shared_noise` has anything to draw (engine/step.py): the global
-    batch's binarization noise, a function of (seed, step) only."""
+    """The binarization noise is drawn inside the compiled loop, so it can be drawn
+    ahead (tf.data binarizes in its own pipeline)."""
     return self.binarize
-
-  def shared_noise(self, step):
-    """The binarization noise of step `step`'s global batch."""
-    return binarization_noise(self.seed, step, self.global_batch_size, self.image_shape)
 
   def replica_batch(self, indices, step, shared_noise=None):
     """Replica context: this replica's slice of the global batch. `shared_noise`:
@@ -236,8 +239,8 @@ class TfDataTrainInput(_OrderedInput):
     del step
     return next(iterator)
 
-  def replica_batch(self, batch, step):
-    del step
+  def replica_batch(self, batch, step, shared_noise=None):
+    del step, shared_noise  # binarized by the pipeline; draws_shared_noise is False
     return batch
 
 

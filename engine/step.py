@@ -76,9 +76,7 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
 
   def replica_step(args, step, measure, shared_noise=None):
     shared_noise = shared_noise or {}
-    batch = train_input.replica_batch(
-        args, step, **({'shared_noise': shared_noise['input']} if 'input' in shared_noise
-                       else {}))
+    batch = train_input.replica_batch(args, step, shared_noise.get('input'))
     ctx = tf.distribute.get_replica_context()
     num_replicas = ctx.num_replicas_in_sync
     noise = sampling.Noise(step_noise_seed(seed, step),
