@@ -50,6 +50,10 @@ flags.DEFINE_multi_string('define', [], 'Extra configuration NAME=FIELD:VALUE,..
 flags.DEFINE_integer('batch_size', 128, 'Global batch size of every configuration.')
 flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate (the peak of a cosine '
                    'schedule) of every configuration.')
+flags.DEFINE_float('ema_decay', 0.0, 'Weight-average decay of every configuration '
+                   '(TrainConfig.ema_decay; 0: off). When on, the test figures are of the '
+                   'averaged weights, and the trained weights are evaluated too, with '
+                   'the same test noise, for a paired comparison.')
 flags.DEFINE_string('dataset', 'fashion_mnist', 'Data set name.')
 flags.DEFINE_integer('eval_iw_samples', 1000, 'Importance samples for log p(x) (>= 1000 '
                      'for reported figures).')
@@ -86,7 +90,7 @@ def _config(name, train_steps, model_dir):
           batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
           lr_schedule=FLAGS.lr_schedule, lr_final_fraction=FLAGS.lr_final_fraction,
           eval_every=10**9 // 500 * 500, checkpoint_every=10**9 // 500 * 500,
-          eval_iw_samples=FLAGS.eval_iw_samples))
+          eval_iw_samples=FLAGS.eval_iw_samples, ema_decay=FLAGS.ema_decay))
 
 
 def _steps_for_budget(name, strategy, data):
@@ -146,17 +150,29 @@ def main(argv):
       sys.exit(preemption.EXIT_PREEMPTED)
     total = time.perf_counter() - tic
     epochs = steps * FLAGS.batch_size / data.num_train
+    trained = {}
+    if FLAGS.ema_decay:
+      exp = controller.build(_config(name, steps, model_dir), strategy, data=data,
+                             record_config=False)
+      trained = controller.evaluate(exp, final=True, trained_weights=True)
+      trained.pop('images', None)
+      print(f'{name}, trained weights: {exp.module.summary_line(trained)}', flush=True)
     rows.append((name, steps, epochs, total / 60, metrics['elbo'], metrics['nll'],
-                 metrics['log_likelihood_stderr']))
+                 metrics['log_likelihood_stderr'], trained.get('elbo'), trained.get('nll')))
   print()
   if FLAGS.resume:
     print('(--resume: wall minutes are this invocation\'s only)')
+  paired = ' | trained-weights ELBO | trained-weights NLL' if FLAGS.ema_decay else ''
+  if FLAGS.ema_decay:
+    print(f'(test figures of the weight average, decay {FLAGS.ema_decay:g}; the last two '
+          f'columns are of the trained weights)')
   print(f'| config | steps | epochs | wall min (incl. eval) | test ELBO | '
-        f'test NLL (k={FLAGS.eval_iw_samples}) | stderr |')
-  print('| --- | --- | --- | --- | --- | --- | --- |')
+        f'test NLL (k={FLAGS.eval_iw_samples}) | stderr{paired} |')
+  print('| --- | --- | --- | --- | --- | --- | ---' + (' | --- | ---' if paired else '') + ' |')
   for r in rows:
+    extra = f' {r[7]:.2f} | {r[8]:.2f} |' if FLAGS.ema_decay else ''
     print(f'| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.2f} | {r[5]:.2f} | '
-          f'{r[6]:.2f} |')
+          f'{r[6]:.2f} |{extra}')
 
 
 if __name__ == '__main__':

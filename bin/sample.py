@@ -31,7 +31,8 @@ def main(argv):
     raise errors.ConfigError(
         f'--model={config.model} is not a generative model: bin/sample.py draws from a '
         f'latent prior and decodes (use --model=vae).')
-  images = exp.model.sample(fl.num_samples, tf.constant([fl.sample_seed, 3], tf.int32))
+  with controller.evaluation_weights(exp):  # the weight average, if the run kept one
+    images = exp.model.sample(fl.num_samples, tf.constant([fl.sample_seed, 3], tf.int32))
   path = fl.output or os.path.join(config.train.model_dir, 'samples.png')
   summaries.write_png(path, summaries.image_grid(images.numpy()))
   print(f'Wrote {fl.num_samples} samples from step {int(exp.step.numpy())} to {path}')

@@ -252,7 +252,13 @@ def _set_aside(manager, bad, good, log):
     manager._record_state()  # pylint: disable=protected-access  (an atomic rewrite)
 
 
-def restore_latest(manager, *, model_dir, log=print, repair=True):
+def _holds(path, name):
+  """Whether the checkpoint at `path` holds anything under its root's child `name`."""
+  keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+  return any(k.startswith(name + '/') for k in keys)
+
+
+def restore_latest(manager, *, model_dir, log=print, repair=True, optional=()):
   """Restores the newest readable checkpoint, if there is one; returns its path or None.
 
   A checkpoint whose files are missing, truncated or corrupt is skipped with a
@@ -269,6 +275,9 @@ def restore_latest(manager, *, model_dir, log=print, repair=True):
     log: where warnings go.
     repair: move unreadable checkpoints aside (only the chief of a multi-worker
       job may change the shared model dir; other workers just skip them).
+    optional: names of the checkpoint's children that an older checkpoint may lack
+      (e.g. 'average', the weight average of a run that had none); those stay as
+      they are, and the caller decides how to start them.
 
   Returns:
     The restored checkpoint prefix, or None when the manager has no checkpoint.
@@ -289,7 +298,15 @@ def restore_latest(manager, *, model_dir, log=print, repair=True):
       bad.append((path, reason))
       continue
     try:
-      status = manager.checkpoint.restore(path)
+      ckpt = manager.checkpoint
+      missing = [name for name in optional if not _holds(path, name)]
+      if missing:
+        log(f'Note: checkpoint {path} has no {", ".join(missing)}; '
+            f'{"it starts" if len(missing) == 1 else "they start"} afresh.')
+        ckpt = tf.train.Checkpoint(**{
+            name: child for name, child in ckpt._trackable_children().items()  # pylint: disable=protected-access
+            if name not in missing})
+      status = ckpt.restore(path)
       status.assert_existing_objects_matched()
     except (ValueError, AssertionError, tf.errors.OpError) as e:
       raise errors.CheckpointError(

@@ -67,6 +67,9 @@ class TrainConfig:
       learning_rate at step 0 to learning_rate * lr_final_fraction at train_steps).
     lr_final_fraction: the cosine schedule's last rate, as a fraction of the first.
     clip_grad_norm: clip the global gradient norm to this (0: no clipping).
+    ema_decay: keep an exponential moving average of the weights with this decay
+      (engine/averaging.py; e.g. 0.999) and evaluate, sample and draw the
+      TensorBoard images with it; 0: off, everything uses the trained weights.
     steps_per_loop: optimizer steps per call of the compiled loop; logging,
       evaluation and checkpoints happen only between calls.
     eval_every, checkpoint_every: in steps; multiples of steps_per_loop.
@@ -97,6 +100,7 @@ class TrainConfig:
   lr_schedule: str = 'constant'
   lr_final_fraction: float = 0.0
   clip_grad_norm: float = 0.0
+  ema_decay: float = 0.0
   steps_per_loop: int = 500
   eval_every: int = 5000
   checkpoint_every: int = 5000
@@ -135,6 +139,10 @@ class TrainConfig:
     if not (isinstance(self.clip_grad_norm, (int, float)) and self.clip_grad_norm >= 0):
       raise errors.ConfigError(
           f'--clip_grad_norm={self.clip_grad_norm!r}: must be >= 0 (0 turns clipping off).')
+    if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
+      raise errors.ConfigError(
+          f'--ema_decay={self.ema_decay!r}: must be in [0, 1), e.g. 0.999 (0 turns the '
+          f'weight average off).')
     for name in ('eval_every', 'checkpoint_every'):
       if getattr(self, name) % self.steps_per_loop:
         raise errors.ConfigError(

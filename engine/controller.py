@@ -3,15 +3,19 @@
 Everything here is plain Python between calls of the compiled loop
 (`engine.loop.TrainLoop`); a host sync happens once per `steps_per_loop` steps.
 """
+import contextlib
 import dataclasses
 import json
 import os
 import time
 
+from typing import Optional
+
 import tensorflow as tf
 import tf_keras
 
 import models
+from engine import averaging
 from engine import checkpoints
 from engine import config as config_lib
 from engine import datasets
@@ -42,6 +46,7 @@ class Experiment:
   manager: tf.train.CheckpointManager  # saves to model_dir (chief) or a worker dir
   is_chief: bool = True
   worker_dir: str = ''  # a non-chief worker's temporary save dir, removed at the end
+  average: Optional[averaging.WeightAverage] = None  # with TrainConfig.ema_decay > 0
 
   @property
   def test_images(self):
@@ -80,12 +85,22 @@ def build(config, strategy, *, data=None, record_config=True):
                                          schedules.learning_rate(config.train))
     optimizer.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name='global_step')
+    average = (averaging.WeightAverage(model.trainable_variables,
+                                       decay=config.train.ema_decay)
+               if config.train.ema_decay else None)
   chief = distribute.is_chief(strategy)
   trackables = dict(model=model, optimizer=optimizer, step=step)
+  if average is not None:
+    trackables['average'] = average
   manager = checkpoints.make_manager(model_dir, max_to_keep=config.train.keep_checkpoints,
                                      **trackables)
   # Every worker restores from the shared model dir; only the chief may repair it.
-  checkpoints.restore_latest(manager, model_dir=model_dir, repair=chief)
+  # A checkpoint from a run without --ema_decay has no average: it starts from the
+  # restored weights.
+  checkpoints.restore_latest(manager, model_dir=model_dir, repair=chief,
+                             optional=('average',) if average is not None else ())
+  if average is not None and int(average.updates.numpy()) == 0:
+    average.reset(model.trainable_variables)
   worker_dir = ''
   if not chief:
     # Saving is a collective under MultiWorkerMirroredStrategy: every worker saves,
@@ -99,16 +114,32 @@ def build(config, strategy, *, data=None, record_config=True):
   if record_config and chief:
     checkpoints.check_and_record_config(model_dir, config_dict, exempt=exempt)
   return Experiment(config, strategy, data, task, module, model, optimizer, step, manager,
-                    is_chief=chief, worker_dir=worker_dir)
+                    is_chief=chief, worker_dir=worker_dir, average=average)
 
 
-def evaluate(exp, *, final=True, **kwargs):
+def evaluation_weights(exp, *, trained=False):
+  """A context in which the model holds the weights to evaluate and sample with:
+  the weight average when the run keeps one (TrainConfig.ema_decay) and not
+  `trained`, else the trained weights as they are."""
+  if exp.average is None or trained:
+    return contextlib.nullcontext()
+  return exp.average.applied(exp.model.trainable_variables)
+
+
+def evaluate(exp, *, final=True, trained_weights=False, **kwargs):
   """The model's test figures (its module's `evaluate` hook).
 
+  With a weight average (TrainConfig.ema_decay) the figures are of the averaged
+  weights, unless `trained_weights`; the key 'weights' says which ('average' or
+  'trained').
   A model may return figures as images under the key 'images' ({name: uint8 RGB});
   use `pop_images` before writing the metrics as JSON.
   """
-  return exp.module.evaluate(exp, final=final, **kwargs)
+  with evaluation_weights(exp, trained=trained_weights):
+    metrics = exp.module.evaluate(exp, final=final, **kwargs)
+  metrics['weights'] = ('average' if exp.average is not None and not trained_weights
+                        else 'trained')
+  return metrics
 
 
 def pop_images(exp, metrics, writers, step):
@@ -127,8 +158,10 @@ def pop_images(exp, metrics, writers, step):
 
 
 def write_summaries(exp, writers, step):
-  """The model's TensorBoard images/histograms (its module's `write_summaries` hook)."""
-  exp.module.write_summaries(exp, writers, step)
+  """The model's TensorBoard images/histograms (its module's `write_summaries` hook),
+  drawn with the evaluation weights."""
+  with evaluation_weights(exp):
+    exp.module.write_summaries(exp, writers, step)
 
 
 def write_metrics(model_dir, metrics):
@@ -191,7 +224,7 @@ def make_train_loop(exp, *, stop_requested=None, prefetch_noise=None):
   replica_step = step_lib.make_replica_step(
       exp.model, exp.optimizer, train_input, global_batch_size=t.batch_size,
       seed=t.seed, clip_grad_norm=t.clip_grad_norm,
-      loss_scaling=precision.needs_loss_scaling(t.precision))
+      loss_scaling=precision.needs_loss_scaling(t.precision), average=exp.average)
   keys = ('loss', 'grad_norm') + tuple(exp.model.measurement_keys)
   if precision.needs_loss_scaling(t.precision):
     keys += ('skipped', 'loss_scale')
