@@ -8,8 +8,9 @@ analytic KL) for these variants, interleaved round-robin in one process:
                             builds them (in-memory input, `TrainLoop`), XLA off/on;
   engine_xla_inline         engine_xla drawing the binarization noise inside the
                             step instead of one step ahead (--noprefetch_noise);
-  engine_xla_ema            engine_xla that also keeps the weight average
-                            (--ema_decay=0.999, engine/averaging.py);
+  engine_xla_ema(1)         engine_xla that also keeps the weight average
+                            (--ema_decay=0.999, engine/averaging.py), updated
+                            every 10 steps (the default --ema_every) or every step;
   eager                     a Python loop of eager steps (no tf.function);
   tf_function(_xla)         one tf.function call per step, XLA off/on;
   keras_spe{1,50}(_xla)     tf_keras `Model.fit` with steps_per_execution 1 or 50,
@@ -65,7 +66,8 @@ import models
 from models import vae as vae_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-ALL_VARIANTS = ('engine', 'engine_xla', 'engine_xla_inline', 'engine_xla_ema', 'eager',
+ALL_VARIANTS = ('engine', 'engine_xla', 'engine_xla_inline', 'engine_xla_ema',
+                'engine_xla_ema1', 'eager',
                 'tf_function', 'tf_function_xla',
                 'keras_spe1', 'keras_spe1_xla', 'keras_spe50', 'keras_spe50_xla')
 
@@ -228,10 +230,11 @@ class EngineVariant(Variant):
   engine = True
 
   def __init__(self, name, batch_size, *, data, jit_compile, steps_per_loop, seed,
-               root_dir, prefetch_noise=True, ema_decay=0.0):
+               root_dir, prefetch_noise=True, ema_decay=0.0, ema_every=10):
     super().__init__(name, batch_size)
     self._prefetch = prefetch_noise
     self._ema_decay = ema_decay
+    self._ema_every = ema_every
     self._data = data
     self._jit = jit_compile
     self._steps_per_loop = steps_per_loop
@@ -246,7 +249,7 @@ class EngineVariant(Variant):
         model_dir=self._model_dir, batch_size=self.batch_size,
         steps_per_loop=self._steps_per_loop, eval_every=self._steps_per_loop,
         checkpoint_every=self._steps_per_loop, jit_compile=self._jit, seed=self._seed,
-        ema_decay=self._ema_decay)
+        ema_decay=self._ema_decay, ema_every=self._ema_every)
     config = config_lib.ExperimentConfig(model='vae', model_options=vae_lib.VAEConfig(),
                                          data=data_config, train=train_config)
     strategy = distribute.make_strategy('default')
@@ -374,15 +377,18 @@ def make_variants(names, data, batch_sizes, root_dir):
   seed, b = FLAGS.seed, FLAGS.batch_size
   out = []
   for name in names:
-    if name in ('engine', 'engine_xla', 'engine_xla_inline', 'engine_xla_ema'):
+    if name in ('engine', 'engine_xla', 'engine_xla_inline', 'engine_xla_ema',
+                'engine_xla_ema1'):
       # engine_xla_inline: the binarization noise drawn inside the step, not one step
       # ahead beside it (--prefetch_noise=false), to show what prefetching buys.
-      # engine_xla_ema: engine_xla that also keeps the weight average (--ema_decay).
+      # engine_xla_ema(1): engine_xla that also keeps the weight average
+      # (--ema_decay), updated every 10 steps (every step).
       out.append(EngineVariant(name, b, data=data, jit_compile=name != 'engine',
                                steps_per_loop=FLAGS.steps_per_loop, seed=seed,
                                root_dir=root_dir,
                                prefetch_noise=name != 'engine_xla_inline',
-                               ema_decay=0.999 if name == 'engine_xla_ema' else 0.0))
+                               ema_decay=0.999 if 'ema' in name else 0.0,
+                               ema_every=1 if name == 'engine_xla_ema1' else 10))
     elif name == 'eager':
       out.append(StepFunctionVariant(name, b, data=data, mode='eager', seed=seed))
     elif name in ('tf_function', 'tf_function_xla'):

@@ -96,6 +96,8 @@ def define_flags():
   flags.DEFINE_float('ema_decay', 0.0,
                      'Keep an exponential moving average of the weights with this decay '
                      '(in [0, 1), e.g. 0.999) and evaluate and sample with it; 0: off.')
+  flags.DEFINE_integer('ema_every', 10,
+                       'Update the weight average every N steps, by ema_decay ** N (> 0).')
   flags.DEFINE_integer('steps_per_loop', 500, 'Steps per compiled loop call (> 0).')
   flags.DEFINE_integer('eval_every', 5000, 'Evaluate every N steps (multiple of steps_per_loop).')
   flags.DEFINE_integer('checkpoint_every', 5000,
@@ -258,7 +260,7 @@ def experiment_config():
       model_dir=FLAGS.model_dir, train_steps=FLAGS.train_steps, batch_size=FLAGS.batch_size,
       learning_rate=FLAGS.learning_rate, lr_schedule=FLAGS.lr_schedule,
       lr_final_fraction=FLAGS.lr_final_fraction, clip_grad_norm=FLAGS.clip_grad_norm,
-      ema_decay=FLAGS.ema_decay,
+      ema_decay=FLAGS.ema_decay, ema_every=FLAGS.ema_every,
       steps_per_loop=FLAGS.steps_per_loop, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       jit_compile=FLAGS.jit_compile, prefetch_noise=FLAGS.prefetch_noise, seed=FLAGS.seed,

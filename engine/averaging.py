@@ -1,13 +1,17 @@
 """Polyak averaging: an exponential moving average of the trained weights.
 
 With `TrainConfig.ema_decay` > 0 the engine keeps, beside each trainable variable w,
-a shadow variable updated after every optimizer step:
+a shadow variable updated after every `ema_every`-th optimizer step:
 
     shadow <- shadow - (1 - d_n) * (shadow - w),   d_n = min(decay, (1 + n) / (10 + n)),
 
-where n counts the updates so far; the (1 + n) / (10 + n) warm-up lets the shadow
-follow the weights closely over the first few hundred steps instead of remembering
-their random initialisation. Evaluation, sampling and the TensorBoard images then use
+where decay = ema_decay ** ema_every (the per-step decay over the steps between
+updates) and n counts the updates so far; the (1 + n) / (10 + n) warm-up lets the
+shadow follow the weights closely over the first updates instead of remembering
+their random initialisation. An update reads every weight and shadow and writes
+every shadow: on CPU, done every step, that cost 12% of the VAE's step
+(benchmarks/RESULTS.md), hence updates every few steps (`engine.loop.TrainLoop`'s
+`after_step`). Evaluation, sampling and the TensorBoard images then use
 the averaged weights (`applied`), while training continues from the raw ones.
 
 The shadows and the update count are checkpointed beside the model, so a resumed
@@ -56,8 +60,8 @@ class WeightAverage(tf.Module):
   def update(self, variables):
     """Moves every shadow towards its variable; call after the optimizer's update.
 
-    Works in a replica context (inside `strategy.run`, as `engine.step` calls it)
-    and in cross-replica or default context.
+    Works in a replica context (inside `strategy.run`, as the training loop calls
+    it) and in cross-replica or default context.
     """
     self._check(variables)
     if tf.distribute.in_cross_replica_context():

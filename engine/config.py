@@ -70,6 +70,8 @@ class TrainConfig:
     ema_decay: keep an exponential moving average of the weights with this decay
       (engine/averaging.py; e.g. 0.999) and evaluate, sample and draw the
       TensorBoard images with it; 0: off, everything uses the trained weights.
+    ema_every: update the average every this many steps, by ema_decay ** ema_every
+      (one update costs a pass over the weights: benchmarks/RESULTS.md).
     steps_per_loop: optimizer steps per call of the compiled loop; logging,
       evaluation and checkpoints happen only between calls.
     eval_every, checkpoint_every: in steps; multiples of steps_per_loop.
@@ -101,6 +103,7 @@ class TrainConfig:
   lr_final_fraction: float = 0.0
   clip_grad_norm: float = 0.0
   ema_decay: float = 0.0
+  ema_every: int = 10
   steps_per_loop: int = 500
   eval_every: int = 5000
   checkpoint_every: int = 5000
@@ -127,7 +130,7 @@ class TrainConfig:
           f'last learning rate as a fraction of --learning_rate).')
     for name in ('train_steps', 'batch_size', 'steps_per_loop', 'eval_every',
                  'checkpoint_every', 'keep_checkpoints', 'eval_batch_size',
-                 'iw_chunk_size', 'num_summary_images'):
+                 'iw_chunk_size', 'num_summary_images', 'ema_every'):
       _positive_int(name, getattr(self, name))
     for name in ('eval_iw_samples', 'periodic_eval_iw_samples', 'seed'):
       _positive_int(name, getattr(self, name), allow_zero=True)

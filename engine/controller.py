@@ -85,8 +85,10 @@ def build(config, strategy, *, data=None, record_config=True):
                                          schedules.learning_rate(config.train))
     optimizer.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name='global_step')
-    average = (averaging.WeightAverage(model.trainable_variables,
-                                       decay=config.train.ema_decay)
+    # Updated every ema_every steps, so each update decays by ema_decay ** ema_every.
+    average = (averaging.WeightAverage(
+        model.trainable_variables,
+        decay=config.train.ema_decay ** config.train.ema_every)
                if config.train.ema_decay else None)
   chief = distribute.is_chief(strategy)
   trackables = dict(model=model, optimizer=optimizer, step=step)
@@ -224,7 +226,7 @@ def make_train_loop(exp, *, stop_requested=None, prefetch_noise=None):
   replica_step = step_lib.make_replica_step(
       exp.model, exp.optimizer, train_input, global_batch_size=t.batch_size,
       seed=t.seed, clip_grad_norm=t.clip_grad_norm,
-      loss_scaling=precision.needs_loss_scaling(t.precision), average=exp.average)
+      loss_scaling=precision.needs_loss_scaling(t.precision))
   keys = ('loss', 'grad_norm') + tuple(exp.model.measurement_keys)
   if precision.needs_loss_scaling(t.precision):
     keys += ('skipped', 'loss_scale')
@@ -233,10 +235,15 @@ def make_train_loop(exp, *, stop_requested=None, prefetch_noise=None):
   shared_noise_fn = (step_lib.make_shared_noise_fn(exp.model, seed=t.seed,
                                                    train_input=train_input)
                      if prefetch_noise else None)
+  after_step = None
+  if exp.average is not None:
+    variables = exp.model.trainable_variables
+    after_step = lambda: exp.average.update(variables)
   train_loop = loop_lib.TrainLoop(
       replica_step, train_input, strategy=strategy, step_counter=exp.step,
       measurement_keys=keys, jit_compile=jit_compile(exp), stop_requested=stop_requested,
-      agree_on_stop=distribute.is_multi_worker(strategy), shared_noise_fn=shared_noise_fn)
+      agree_on_stop=distribute.is_multi_worker(strategy), shared_noise_fn=shared_noise_fn,
+      after_step=after_step, after_step_every=t.ema_every)
   return train_loop, train_input.iterator(int(exp.step.numpy()))
 
 

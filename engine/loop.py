@@ -41,11 +41,17 @@ class TrainLoop:
       its own XLA program when `jit_compile`: nothing orders the two, so TF's
       executor runs them at the same time, on two cores of a CPU. The noise is the
       same as an inline draw's; only when it is drawn changes.
+    after_step: optional fn() run per replica (`strategy.run`) after every
+      `after_step_every`-th step, counted by the step counter (so a resumed run
+      keeps the same cadence): the weight average's update
+      (`engine.averaging.WeightAverage`). Its own XLA program when `jit_compile`,
+      outside the step's, so the steps without it pay only for a conditional.
+    after_step_every: see `after_step`.
   """
 
   def __init__(self, replica_step, train_input, *, strategy, step_counter,
                measurement_keys, jit_compile, stop_requested=None, agree_on_stop=False,
-               shared_noise_fn=None):
+               shared_noise_fn=None, after_step=None, after_step_every=1):
     self._strategy = strategy
     self._stop = stop_requested
     self._agree = agree_on_stop
@@ -56,8 +62,12 @@ class TrainLoop:
       replica_step = _compile_per_measure(replica_step)
       if shared_noise_fn is not None:
         shared_noise_fn = tf.function(shared_noise_fn, jit_compile=True)
+    if after_step is not None and jit_compile:
+      after_step = tf.function(after_step, jit_compile=True)
     self._replica_step = replica_step
     self._draw = shared_noise_fn
+    self._after_step = after_step
+    self._after_every = int(after_step_every)
     self._loop = tf.function(self._run)
 
   def __call__(self, iterator, num_steps):
@@ -90,6 +100,9 @@ class TrainLoop:
       measured = {k: self._strategy.reduce(tf.distribute.ReduceOp.SUM, shares[k], axis=None)
                   for k in self._keys}
       self._counter.assign_add(1)
+      if self._after_step is not None:
+        if tf.equal((step + 1) % self._after_every, 0):
+          self._strategy.run(self._after_step)
       done += 1
       sums = {k: sums[k] + measured[k] for k in self._keys}
       last = measured

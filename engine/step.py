@@ -47,7 +47,7 @@ def make_shared_noise_fn(model, *, seed, train_input=None):
 
 
 def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
-                      clip_grad_norm, loss_scaling=False, average=None):
+                      clip_grad_norm, loss_scaling=False):
   """Returns replica_step(args, step, measure, shared_noise=None) -> dict of shares.
 
   The model supplies `train_terms(batch, *, noise, step)` -> (per_example_loss [B],
@@ -72,9 +72,6 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
   loss is scaled before the gradient, the all-reduced gradients are unscaled, and
   the optimizer skips the update (and lowers the scale) when any gradient is
   non-finite; 'skipped' (1 for a skipped step) and 'loss_scale' are measured.
-
-  `average`, an `engine.averaging.WeightAverage` over `model.trainable_variables`,
-  is updated after the optimizer's update (when given).
   """
 
   def replica_step(args, step, measure, shared_noise=None):
@@ -114,8 +111,6 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
       else:
         grad_norm = tf.cond(measure, norm, lambda: tf.constant(0.0))
     optimizer.apply_gradients(zip(grads, variables), skip_gradients_aggregation=True)
-    if average is not None:
-      average.update(variables)
     shares = {k: measurement_share(v, global_batch_size, num_replicas)
               for k, v in {**measurements, **extra}.items()}
     shares['loss'] = loss

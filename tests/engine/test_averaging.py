@@ -116,7 +116,7 @@ def test_config_refuses_bad_decay(value):
     config_lib.TrainConfig(ema_decay=value)
 
 
-def _config(model_dir, *, train_steps=30, ema_decay=0.9, jit_compile=False):
+def _config(model_dir, *, train_steps=30, ema_decay=0.9, jit_compile=False, ema_every=1):
   return config_lib.ExperimentConfig(
       model='vae',
       model_options=vae.VAEConfig(encoder_sizes=(32,), decoder_sizes=(32,), latent_dim=4),
@@ -126,7 +126,7 @@ def _config(model_dir, *, train_steps=30, ema_decay=0.9, jit_compile=False):
           model_dir=str(model_dir), train_steps=train_steps, batch_size=32,
           steps_per_loop=10, eval_every=10, checkpoint_every=10, jit_compile=jit_compile,
           eval_batch_size=32, eval_iw_samples=4, iw_chunk_size=2, num_summary_images=4,
-          ema_decay=ema_decay, learning_rate=3e-3))
+          ema_decay=ema_decay, ema_every=ema_every, learning_rate=3e-3))
 
 
 def _build(config, **kwargs):
@@ -223,3 +223,32 @@ def test_mirrored_training_averages_like_one_replica(tmp_path, mirrored_strategy
   assert int(two.average.updates.numpy()) == 20
   for x, y in zip(_values(two.average.shadows), _values(one.average.shadows)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('jit_compile', [False, True])
+def test_update_every_k_steps_follows_the_weights(tmp_path, jit_compile):
+  """With ema_every=3 the loop updates the average after steps 3, 6, 9, ... (by the
+  step counter, whatever the calls' lengths), each time by 0.9 ** 3, towards the
+  weights of that step."""
+  exp = _build(_config(tmp_path, ema_every=3, jit_compile=jit_compile))
+  train_loop, iterator = controller.make_train_loop(exp)
+  variables = exp.model.trainable_variables
+  start = _values(variables)
+  after = []  # the weights after each step, one step per call
+  for _ in range(11):
+    train_loop(iterator, tf.constant(1, tf.int64))
+    after.append(_values(variables))
+  assert int(exp.step.numpy()) == 11
+  assert int(exp.average.updates.numpy()) == 3  # after steps 3, 6 and 9
+  shadows = _values(exp.average.shadows)
+  for i, shadow in enumerate(shadows):
+    expected = _reference(start[i], [after[s - 1][i] for s in (3, 6, 9)], 0.9 ** 3)
+    np.testing.assert_allclose(shadow, expected, rtol=1e-5, atol=1e-6)
+  # The same 11 steps in calls of 4 and 7 steps: the same updates, the same average.
+  other = _build(_config(tmp_path / 'other', ema_every=3, jit_compile=jit_compile))
+  other_loop, other_iterator = controller.make_train_loop(other)
+  for n in (4, 7):
+    other_loop(other_iterator, tf.constant(n, tf.int64))
+  assert int(other.average.updates.numpy()) == 3
+  for x, y in zip(_values(other.average.shadows), shadows):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
