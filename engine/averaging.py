@@ -39,17 +39,13 @@ class WeightAverage(tf.Module):
 
   def __init__(self, variables, *, decay, name='weight_average'):
     super().__init__(name=name)
-    if not 0.0 < decay < 1.0:
-      raise ValueError(f'decay={decay!r}: must be in (0, 1).')
+    if not 0.0 <= decay < 1.0:  # 0: the shadows copy the weights at each update
+      raise ValueError(f'decay={decay!r}: must be in [0, 1).')
     self._decay = float(decay)
     with self.name_scope:
       self.shadows = [tf.Variable(v.read_value(), trainable=False, name=_short(v.name))
                       for v in variables]
       self.updates = tf.Variable(0, dtype=tf.int64, trainable=False, name='updates')
-
-  @property
-  def decay(self):
-    return self._decay
 
   def current_decay(self):
     """d_n of the next update, as a float32 scalar."""

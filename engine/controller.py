@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import time
-
 from typing import Optional
 
 import tensorflow as tf
@@ -85,11 +84,11 @@ def build(config, strategy, *, data=None, record_config=True):
                                          schedules.learning_rate(config.train))
     optimizer.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name='global_step')
-    # Updated every ema_every steps, so each update decays by ema_decay ** ema_every.
-    average = (averaging.WeightAverage(
-        model.trainable_variables,
-        decay=config.train.ema_decay ** config.train.ema_every)
-               if config.train.ema_decay else None)
+    average = None
+    if config.train.ema_decay:
+      # Updated every ema_every steps, so each update decays by ema_decay ** ema_every.
+      average = averaging.WeightAverage(
+          model.trainable_variables, decay=config.train.ema_decay ** config.train.ema_every)
   chief = distribute.is_chief(strategy)
   trackables = dict(model=model, optimizer=optimizer, step=step)
   if average is not None:

@@ -105,7 +105,7 @@ def test_reset_and_bad_arguments():
     average.update([tf.Variable([1.0, 2.0, 3.0])])
   with pytest.raises(ValueError, match='same order'):
     average.applied([w, w]).__enter__()
-  for decay in (0.0, 1.0, -0.5):
+  for decay in (1.0, -0.5):
     with pytest.raises(ValueError, match='decay'):
       averaging.WeightAverage([w], decay=decay)
 
@@ -252,3 +252,13 @@ def test_update_every_k_steps_follows_the_weights(tmp_path, jit_compile):
   assert int(other.average.updates.numpy()) == 3
   for x, y in zip(_values(other.average.shadows), shadows):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_per_update_decay_may_underflow_to_zero(tmp_path):
+  """ema_decay ** ema_every below float range is 0: the shadows then copy the weights."""
+  exp = _build(_config(tmp_path, ema_decay=0.01, ema_every=1000))
+  assert float(exp.average.current_decay()) == 0.0
+  exp.average.update(exp.model.trainable_variables)
+  for shadow, weight in zip(_values(exp.average.shadows),
+                            _values(exp.model.trainable_variables)):
+    np.testing.assert_array_equal(shadow, weight)
