@@ -67,8 +67,7 @@ from models import vae as vae_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 ALL_VARIANTS = ('engine', 'engine_xla', 'engine_xla_inline', 'engine_xla_ema',
-                'engine_xla_ema1', 'eager',
-                'tf_function', 'tf_function_xla',
+                'engine_xla_ema1', 'eager', 'tf_function', 'tf_function_xla',
                 'keras_spe1', 'keras_spe1_xla', 'keras_spe50', 'keras_spe50_xla')
 
 FLAGS = flags.FLAGS

@@ -50,9 +50,10 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
                       clip_grad_norm, loss_scaling=False):
   """Returns replica_step(args, step, measure, shared_noise=None) -> dict of shares.
 
-  The model supplies `train_terms(batch, *, noise, step)` -> (per_example_loss [B],
-  regularization scalar, measurements), where each measurement is either
-  per-example [B] or a replica-invariant scalar (e.g. a BNN's KL or KL weight).
+  The model supplies `train_terms(batch, *, noise, step, shared_noise=None)` ->
+  (per_example_loss [B], regularization scalar, measurements), where each
+  measurement is either per-example [B] or a replica-invariant scalar (e.g. a
+  BNN's KL or KL weight).
   `shared_noise`, when given, is `make_shared_noise_fn(model, seed=seed,
   train_input=train_input)(step)` (drawn by the loop ahead of the step); its
   'model' part goes to `train_terms`, its 'input' part to `replica_batch`.
@@ -81,11 +82,9 @@ def make_replica_step(model, optimizer, train_input, *, global_batch_size, seed,
     num_replicas = ctx.num_replicas_in_sync
     noise = sampling.Noise(step_noise_seed(seed, step),
                            ctx.replica_id_in_sync_group, num_replicas)
-    extra_args = ({'shared_noise': shared_noise['model']} if 'model' in shared_noise
-                  else {})
     with tf.GradientTape() as tape:
       per_example, regularization, measurements = model.train_terms(
-          batch, noise=noise, step=step, **extra_args)
+          batch, noise=noise, step=step, shared_noise=shared_noise.get('model'))
       loss = objectives.replica_loss(per_example, regularization,
                                      global_batch_size=global_batch_size,
                                      num_replicas=num_replicas)

@@ -3,8 +3,9 @@
 Each module provides:
 - `Config`: a frozen dataclass of the model's options (field names = flag names);
 - `prepare_data(config, dataset, *, data_config, seed)` -> `engine.inputs.TaskData`;
-- `build(config, *, task_data, seed, global_batch_size)` -> a tf.Module with `train_terms(batch, *,
-  noise, step)` and `measurement_keys` (see `engine.step.make_replica_step`);
+- `build(config, *, task_data, seed, global_batch_size)` -> a tf.Module with
+  `train_terms(batch, *, noise, step, shared_noise=None)` and `measurement_keys` (see
+  `engine.step.make_replica_step`);
 - `evaluate(exp, *, final)` -> metrics dict, `summary_line(metrics)` -> str, and
   `write_summaries(exp, writers, step)` (TensorBoard images / histograms).
 """

@@ -350,8 +350,10 @@ class VAE(tf.Module):
     """Layer losses (the KLDivergenceRegularizer's batch-mean rate when enabled)."""
     return tf.add_n(self.encoder.losses) if self.encoder.losses else tf.constant(0.0)
 
-  def train_terms(self, batch, *, noise, step):
-    """The engine's entry point: `loss_terms` with the KL warm-up weight of `step`."""
+  def train_terms(self, batch, *, noise, step, shared_noise=None):
+    """The engine's entry point: `loss_terms` with the KL warm-up weight of `step`.
+    `shared_noise` is always None: the VAE draws no noise shared by its batch."""
+    del shared_noise
     kl_weight = objectives.kl_warmup_weight(step, self.config.kl_warmup_steps)
     loss, regularization, measurements = self.loss_terms(batch['image'], noise=noise,
                                                          kl_weight=kl_weight)
