@@ -36,7 +36,8 @@ from engine import config as config_lib  # noqa: E402
 flags.DEFINE_float('minutes', 5.0, 'Training budget per configuration, in minutes (> 0).')
 flags.DEFINE_list('configs', ['vae', 'iwae50'], 'Configurations to run: '
                   'vae (default MLP ELBO), iwae50 (IWAE k=50), conv (conv VAE), '
-                  'made (autoregressive MADE decoder), mixture (learned mixture prior), '
+                  'made (autoregressive MADE decoder), pixelcnn (masked-convolution '
+                  'decoder), mixture (learned mixture prior), '
                   'vamp (VampPrior).')
 flags.DEFINE_integer('steps', 0, 'Fixed step budget per configuration instead of the '
                      'one sized from --minutes (0: size from --minutes). The figures then '
@@ -57,6 +58,9 @@ flags.DEFINE_float('ema_decay', 0.0, 'Weight-average decay of every configuratio
 flags.DEFINE_string('dataset', 'fashion_mnist', 'Data set name.')
 flags.DEFINE_integer('eval_iw_samples', 1000, 'Importance samples for log p(x) (>= 1000 '
                      'for reported figures).')
+flags.DEFINE_integer('iw_chunk_size', 100, 'Importance samples per test batch at a time; '
+                     'the pixelcnn decoder holds [chunk, 500, H, W, filters] activations: '
+                     'use 10 for it.')
 flags.DEFINE_string('work_dir', '/tmp/elbo_engine/vae_quality', 'Where runs are written.')
 flags.DEFINE_boolean('resume', False, 'Continue a configuration from the checkpoint in '
                      'its run directory (e.g. after preemption) instead of starting over; '
@@ -71,6 +75,9 @@ _CONFIGS = {
     # The default encoder; the decoder is a MADE (two masked layers of 512)
     # conditioned on z, so each pixel also depends on the pixels before it.
     'made': dict(decoder='autoregressive', decoder_sizes=(512, 512), kl_warmup_steps=5000),
+    # The default network; its logits corrected from a masked 7x7 convolution of
+    # the pixels above and left of each pixel (models/pixelcnn.py).
+    'pixelcnn': dict(decoder='pixelcnn', kl_warmup_steps=5000),
     # Learned priors (models/latent_priors.py); their rate is a Monte-Carlo estimate.
     'mixture': dict(latent_prior='mixture', prior_components=100, kl='monte_carlo',
                     kl_warmup_steps=5000),
@@ -90,7 +97,8 @@ def _config(name, train_steps, model_dir):
           batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
           lr_schedule=FLAGS.lr_schedule, lr_final_fraction=FLAGS.lr_final_fraction,
           eval_every=10**9 // 500 * 500, checkpoint_every=10**9 // 500 * 500,
-          eval_iw_samples=FLAGS.eval_iw_samples, ema_decay=FLAGS.ema_decay))
+          eval_iw_samples=FLAGS.eval_iw_samples, iw_chunk_size=FLAGS.iw_chunk_size,
+          ema_decay=FLAGS.ema_decay))
 
 
 def _steps_for_budget(name, strategy, data):

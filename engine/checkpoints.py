@@ -52,7 +52,10 @@ _VALUE_BEFORE_FIELD_EXISTED = {'train.precision': 'float32', 'train.lr_schedule'
                                'model_options.decoder': 'factorized',
                                'model_options.latent_prior': 'normal',
                                'model_options.prior_components': 100,
-                               'model_options.activation': 'relu'}
+                               'model_options.activation': 'relu',
+                               'model_options.pixelcnn_filters': 32,
+                               'model_options.pixelcnn_kernel': 7,
+                               'model_options.pixelcnn_layers': 1}
 
 
 def _get(d, dotted):

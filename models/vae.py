@@ -21,6 +21,7 @@ from engine import sampling
 from engine import summaries
 from models import latent_priors
 from models import made
+from models import pixelcnn
 
 tfd = tfp.distributions
 tfpl = tfp.layers
@@ -28,7 +29,7 @@ tfpl = tfp.layers
 ARCHITECTURES = ('mlp', 'conv')
 POSTERIORS = ('diag', 'full_cov')
 LIKELIHOODS = ('bernoulli', 'gaussian')
-DECODERS = ('factorized', 'autoregressive')
+DECODERS = ('factorized', 'autoregressive', 'pixelcnn')
 ACTIVATIONS = ('relu', 'elu', 'swish', 'softplus', 'tanh')  # tf_keras activation names
 LATENT_PRIORS = latent_priors.LATENT_PRIORS
 
@@ -49,7 +50,13 @@ class VAEConfig:
     likelihood: 'bernoulli' (binarized pixels) or 'gaussian' (pixels in [0, 1]).
     decoder: 'factorized' (pixels independent given z: the MLP or deconv decoder)
       or 'autoregressive' (a MADE conditioned on z, models/made.py: each pixel
-      also depends on the pixels before it; Bernoulli only).
+      also depends on the pixels before it; Bernoulli only) or 'pixelcnn' (the
+      factorized decoder's logits corrected from a masked convolution of the pixels
+      above and to the left of each pixel, models/pixelcnn.py; Bernoulli,
+      single-channel images only).
+    pixelcnn_filters: channels of the pixelcnn decoder's hidden layers.
+    pixelcnn_kernel: size (odd, >= 3) of its masked convolution window.
+    pixelcnn_layers: its 1 x 1 hidden layers after the masked convolution (>= 0).
     likelihood_scale: fixed std of the Gaussian likelihood; 0 learns it.
     objective: 'elbo' or 'iwae'.
     num_iw_samples: samples per example for the IWAE objective.
@@ -71,6 +78,9 @@ class VAEConfig:
   posterior: str = 'diag'
   likelihood: str = 'bernoulli'
   decoder: str = 'factorized'
+  pixelcnn_filters: int = 32
+  pixelcnn_kernel: int = 7
+  pixelcnn_layers: int = 1
   likelihood_scale: float = 0.0
   objective: str = 'elbo'
   num_iw_samples: int = 1
@@ -103,19 +113,28 @@ class VAEConfig:
       raise errors.ConfigError(
           f'--conv_filters={",".join(map(str, self.conv_filters))}: the conv VAE takes '
           f'exactly two filter counts, e.g. 32,64.')
-    for name in ('latent_dim', 'num_iw_samples', 'prior_components'):
+    for name in ('latent_dim', 'num_iw_samples', 'prior_components', 'pixelcnn_filters'):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise errors.ConfigError(f'--{name}={value!r}: must be a positive integer.')
     if not isinstance(self.kl_warmup_steps, int) or self.kl_warmup_steps < 0:
       raise errors.ConfigError(
           f'--kl_warmup_steps={self.kl_warmup_steps!r}: must be an integer >= 0.')
+    if (not isinstance(self.pixelcnn_kernel, int) or isinstance(self.pixelcnn_kernel, bool)
+        or self.pixelcnn_kernel < 3 or self.pixelcnn_kernel % 2 == 0):
+      raise errors.ConfigError(
+          f'--pixelcnn_kernel={self.pixelcnn_kernel!r}: must be an odd integer >= 3 '
+          f'(the window is centred on the pixel), e.g. 7.')
+    if (not isinstance(self.pixelcnn_layers, int) or isinstance(self.pixelcnn_layers, bool)
+        or self.pixelcnn_layers < 0):
+      raise errors.ConfigError(
+          f'--pixelcnn_layers={self.pixelcnn_layers!r}: must be an integer >= 0.')
     if self.likelihood_scale < 0:
       raise errors.ConfigError(
           f'--likelihood_scale={self.likelihood_scale}: must be >= 0 (0 learns the scale).')
-    if self.decoder == 'autoregressive' and self.likelihood != 'bernoulli':
+    if self.decoder != 'factorized' and self.likelihood != 'bernoulli':
       raise errors.ConfigError(
-          f'--decoder=autoregressive models binary pixels: it needs '
+          f'--decoder={self.decoder} models binary pixels: it needs '
           f'--likelihood=bernoulli, not {self.likelihood!r}. Use --decoder=factorized '
           f'for a Gaussian likelihood.')
     if self.objective == 'iwae' and self.kl_warmup_steps:
@@ -275,6 +294,17 @@ class VAE(tf.Module):
     else:
       self.decoder = tf_keras.Sequential([tf_keras.Input((d,))] + dec + dec_out,
                                          name='decoder')
+    self.pixelcnn = None
+    if config.decoder == 'pixelcnn':
+      if c != 1:
+        raise errors.ConfigError(
+            f'--decoder=pixelcnn orders the pixels of single-channel images; the data '
+            f'has {c} channels. Use --decoder=factorized or --decoder=autoregressive.')
+      self.pixelcnn = pixelcnn.PixelCNNHead(
+          filters=config.pixelcnn_filters, kernel_size=config.pixelcnn_kernel,
+          hidden_layers=config.pixelcnn_layers, seed=seed * 1000 + 500, activation=act,
+          name='pixelcnn')
+      self.pixelcnn.build_for(self.image_shape, d)
     if pixel_mean is not None:
       self._init_output_bias(np.asarray(pixel_mean, np.float32))
     self.log_scale = None
@@ -287,7 +317,7 @@ class VAE(tf.Module):
       pixel_mean = pixel_mean.reshape(-1)
     else:
       bias = self.decoder.get_layer('decoder_out').bias
-    if self.config.architecture == 'conv' and self.config.decoder == 'factorized':
+    if self.config.architecture == 'conv' and self.config.decoder != 'autoregressive':
       pixel_mean = pixel_mean.reshape(-1, self.image_shape[-1]).mean(axis=0)
     else:
       pixel_mean = pixel_mean.reshape(-1)
@@ -319,10 +349,9 @@ class VAE(tf.Module):
     """p(x | z) for z [..., d]; batch shape = z's leading dims, event = one image."""
     if self.config.decoder == 'autoregressive':
       return _AutoregressiveLikelihood(self.decoder, z, self.image_shape)
-    lead = tf.shape(z)[:-1]
-    flat = tf.reshape(z, [-1, self.config.latent_dim])
-    out = self.decoder(flat)
-    out = tf.reshape(out, tf.concat([lead, self.image_shape], axis=0))
+    out = self._factorized_logits(z)
+    if self.pixelcnn is not None:
+      return _PixelCNNLikelihood(self.pixelcnn, out, z)
     if self.config.likelihood == 'bernoulli':
       base = tfd.Bernoulli(logits=out, dtype=tf.float32)
     else:
@@ -330,6 +359,12 @@ class VAE(tf.Module):
                else tf.constant(self.config.likelihood_scale))
       base = tfd.Normal(loc=out, scale=scale)
     return tfd.Independent(base, reinterpreted_batch_ndims=3)
+
+  def _factorized_logits(self, z):
+    """The factorized decoder's output [..., H, W, C] for z [..., d]."""
+    lead = tf.shape(z)[:-1]
+    out = self.decoder(tf.reshape(z, [-1, self.config.latent_dim]))
+    return tf.reshape(out, tf.concat([lead, self.image_shape], axis=0))
 
   @property
   def per_example_keys(self):
@@ -437,10 +472,14 @@ class VAE(tf.Module):
   def decode(self, z, seed):
     """Images in [0, 1] for latents z [N, d].
 
-    Factorized decoder: the mean of p(x | z). Autoregressive decoder: pixels are
-    drawn one at a time, and the image shows each pixel's probability given the
-    pixels drawn before it (eager only: one network pass per pixel).
+    Factorized decoder: the mean of p(x | z). Autoregressive and pixelcnn decoders:
+    pixels are drawn one at a time, and the image shows each pixel's probability
+    given the pixels drawn before it (eager only: one network pass per pixel).
     """
+    if self.pixelcnn is not None:
+      _, probs = self.pixelcnn.generate(
+          self._factorized_logits(z), z, tf.random.experimental.stateless_fold_in(seed, 11))
+      return probs
     if self.config.decoder == 'autoregressive':
       _, probs = self.decoder.generate(
           z, tf.random.experimental.stateless_fold_in(seed, 11))
@@ -481,6 +520,27 @@ class _AutoregressiveLikelihood:
     log_p = -tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(
         labels=flat_x, logits=logits), axis=-1)
     return tf.reshape(log_p, batch)
+
+
+class _PixelCNNLikelihood:
+  """p(x | z) of the pixelcnn decoder, for z [..., d] with factorized logits a.
+
+  Batch shape = z's leading dims, event = one image; `log_prob(x)` broadcasts x
+  [..., H, W, 1] against them. The masked convolution runs once per image of x,
+  whatever the number of latent samples.
+  """
+
+  def __init__(self, head, factorized_logits, z):
+    self._head = head
+    self._a = factorized_logits
+    self._z = z
+
+  def log_prob(self, x):
+    x = tf.cast(x, tf.float32)
+    logits = self._head.logits(self._head.context(x), self._a, self._z)
+    labels = tf.broadcast_to(x, tf.shape(logits))
+    return -tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=labels, logits=logits), axis=[-3, -2, -1])
 
 
 Config = VAEConfig

@@ -100,6 +100,7 @@ def failures(tmp_path_factory):
       'dataset': [*small, '--dataset=nope'],
       'decoder': [*small, '--decoder=autoregressive', '--likelihood=gaussian'],
       'latent_prior': [*small, '--latent_prior=vamp'],
+      'pixelcnn_kernel': [*small, '--decoder=pixelcnn', '--pixelcnn_kernel=4'],
       'mnist_without_data_dir': [*small, '--dataset=mnist'],
       'truncated_idx': [*small, '--dataset=idx', f'--data_dir={data_dir}'],
   }
@@ -187,6 +188,7 @@ def test_evaluate_refuses_incompatible_flags(trained):
     ('dataset', "error: --dataset='nope' is not known"),
     ('decoder', 'error: --decoder=autoregressive models binary pixels'),
     ('latent_prior', 'error: --kl=analytic needs --latent_prior=normal'),
+    ('pixelcnn_kernel', 'error: --pixelcnn_kernel=4: must be an odd integer'),
 ])
 def test_bad_flags_exit_2_with_message(failures, case, expected):
   """A bad flag value exits with code 2 and a one-line 'error:' message naming the

@@ -254,7 +254,8 @@ def test_a_bnn_run_recorded_before_posterior_scale_existed_reads_as_softplus(tmp
 
 
 @pytest.mark.parametrize('field,before,other', [('decoder', 'factorized', 'autoregressive'),
-                                                 ('activation', 'relu', 'swish')])
+                                                 ('activation', 'relu', 'swish'),
+                                                 ('pixelcnn_kernel', 7, 5)])
 def test_a_vae_run_recorded_before_a_field_existed_reads_as_its_old_value(
     tmp_path, field, before, other):
   """A config.json without model_options.decoder (or .activation) ran with the
@@ -271,7 +272,7 @@ def test_a_vae_run_recorded_before_a_field_existed_reads_as_its_old_value(
   config = _config(tmp_path, train_steps=100)
   config = dataclasses.replace(config, model_options=dataclasses.replace(
       config.model_options, **{field: other}))
-  with pytest.raises(errors.CheckpointError, match=f"{field}='{before}'"):
+  with pytest.raises(errors.CheckpointError, match=f"{field}={before!r}"):
     _build(config)
 
 

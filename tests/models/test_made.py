@@ -199,7 +199,7 @@ def test_vae_pixel_mean_sets_the_made_output_bias():
 
 
 @pytest.mark.parametrize('overrides,flag', [
-    (dict(decoder='pixelcnn'), '--decoder'),
+    (dict(decoder='pixelrnn'), '--decoder'),
     (dict(decoder='autoregressive', likelihood='gaussian'), '--decoder=autoregressive'),
 ])
 def test_decoder_config_errors_name_the_flag(overrides, flag):

@@ -424,7 +424,8 @@ def test_every_trainable_variable_gets_a_gradient(overrides, likelihood):
 
 
 @pytest.mark.parametrize('architecture,decoder', [('mlp', 'factorized'), ('conv', 'factorized'),
-                                                   ('mlp', 'autoregressive')])
+                                                   ('mlp', 'autoregressive'),
+                                                   ('mlp', 'pixelcnn')])
 def test_activation_reaches_every_hidden_layer(architecture, decoder):
   """--activation=tanh puts tanh in every hidden layer (none in the output layers),
   and the same weights give other outputs than relu."""
@@ -435,7 +436,8 @@ def test_activation_reaches_every_hidden_layer(architecture, decoder):
   tanh = _model(activation='tanh', **overrides)
 
   def nonlinearities(model):
-    return [layer.activation for net in (model.encoder, model.decoder)
+    nets = (model.encoder, model.decoder) + ((model.pixelcnn,) if model.pixelcnn else ())
+    return [layer.activation for net in nets
             for layer in (net, *net.submodules)
             if getattr(layer, 'activation', None) not in (None, tf_keras.activations.linear)]
 
