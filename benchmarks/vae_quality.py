@@ -58,9 +58,8 @@ flags.DEFINE_float('ema_decay', 0.0, 'Weight-average decay of every configuratio
 flags.DEFINE_string('dataset', 'fashion_mnist', 'Data set name.')
 flags.DEFINE_integer('eval_iw_samples', 1000, 'Importance samples for log p(x) (>= 1000 '
                      'for reported figures).')
-flags.DEFINE_integer('iw_chunk_size', 100, 'Importance samples per test batch at a time; '
-                     'the pixelcnn decoder holds [chunk, 500, H, W, filters] activations: '
-                     'use 10 for it.')
+flags.DEFINE_integer('iw_chunk_size', 100, 'Importance samples per test batch at a time '
+                     '(the pixelcnn decoder lowers it to bound its memory).')
 flags.DEFINE_string('work_dir', '/tmp/elbo_engine/vae_quality', 'Where runs are written.')
 flags.DEFINE_boolean('resume', False, 'Continue a configuration from the checkpoint in '
                      'its run directory (e.g. after preemption) instead of starting over; '

@@ -453,9 +453,13 @@ class VAE(tf.Module):
             else objectives.monte_carlo_rate(q, prior, z))
     out = {'distortion': distortion, 'rate': rate, 'elbo': -(distortion + rate)}
     if iw_samples:
+      chunk = min(iw_chunk_size, iw_samples)
+      if self.pixelcnn is not None:
+        chunk = bounded_chunk(iw_samples, chunk, int(np.prod(self.image_shape))
+                              * self.config.pixelcnn_filters)
       out['log_likelihood'] = objectives.iw_log_likelihood(
-          q, prior, self.likelihood, x, num_samples=iw_samples,
-          chunk_size=min(iw_chunk_size, iw_samples), seed=iw_seed)
+          q, prior, self.likelihood, x, num_samples=iw_samples, chunk_size=chunk,
+          seed=iw_seed)
     return out
 
   def reconstruct(self, x, seed):
@@ -485,6 +489,22 @@ class VAE(tf.Module):
           z, tf.random.experimental.stateless_fold_in(seed, 11))
       return tf.reshape(probs, tf.concat([tf.shape(z)[:1], self.image_shape], axis=0))
     return self.likelihood(z).mean()
+
+
+# The pixelcnn decoder holds [chunk, batch, H, W, filters] activations while it
+# scores importance samples: at most this many floats per test image at a time.
+PIXELCNN_EVAL_FLOATS_PER_EXAMPLE = 2 ** 18
+
+
+def bounded_chunk(num_samples, chunk_size, floats_per_sample, budget=None):
+  """The largest divisor of num_samples that is <= chunk_size and keeps
+  chunk * floats_per_sample within budget (default PIXELCNN_EVAL_FLOATS_PER_EXAMPLE;
+  at least 1)."""
+  budget = PIXELCNN_EVAL_FLOATS_PER_EXAMPLE if budget is None else budget
+  chunk = max(1, min(chunk_size, budget // floats_per_sample))
+  while num_samples % chunk:
+    chunk -= 1
+  return chunk
 
 
 def _default_pseudo_inputs(num, image_shape, pixel_mean, seed):

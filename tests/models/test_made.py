@@ -148,45 +148,8 @@ def test_vae_likelihood_sums_to_one_over_images_for_a_batch_of_latents():
                              np.ones([2, 3]), rtol=1e-5)
 
 
-def test_vae_likelihood_broadcasts_x_over_sample_axis():
-  model = _vae()
-  x = tf.constant(np.random.RandomState(1).randint(0, 2, (3,) + SMALL), tf.float32)
-  zk = tf.random.stateless_normal([5, 3, LATENT], seed=[2, 2])
-  joint = model.likelihood(zk).log_prob(x).numpy()
-  for k in range(5):
-    np.testing.assert_allclose(joint[k], model.likelihood(zk[k]).log_prob(x).numpy(),
-                               rtol=1e-6)
-
-
-@pytest.mark.parametrize('objective', ['elbo', 'iwae'])
-def test_vae_with_autoregressive_decoder_trains_and_every_variable_gets_a_gradient(
-    objective):
-  overrides = dict(objective=objective,
-                   num_iw_samples=4 if objective == 'iwae' else 1)
-  model = _vae(**overrides)
-  x = tf.constant(np.random.RandomState(0).randint(0, 2, (8,) + SMALL), tf.float32)
-  with tf.GradientTape() as tape:
-    loss, _, _ = model.loss_terms(x, kl_weight=1.0, seed=tf.constant([1, 1], tf.int32))
-    loss = tf.reduce_mean(loss)
-  grads = tape.gradient(loss, model.trainable_variables)
-  names = [v.name for v, g in zip(model.trainable_variables, grads)
-           if g is None or not np.any(g.numpy())]
-  assert not names
-  assert any('made_' in v.name for v in model.trainable_variables)
-
-
-def test_vae_eval_log_likelihood_bounds_the_elbo_and_sample_gives_images():
-  model = _vae()
-  x = tf.constant(np.random.RandomState(0).randint(0, 2, (6,) + SMALL), tf.float32)
-  out = model.eval_terms(x, seed=tf.constant([1, 2], tf.int32), iw_samples=64,
-                         iw_chunk_size=16)
-  assert np.all(np.isfinite(out['log_likelihood'].numpy()))
-  assert np.mean(out['log_likelihood'].numpy()) >= np.mean(out['elbo'].numpy()) - 0.05
-  images = model.sample(5, tf.constant([3, 3], tf.int32)).numpy()
-  assert images.shape == (5,) + SMALL
-  assert np.all((images > 0) & (images < 1))
-  recon = model.reconstruct(x, tf.constant([3, 3], tf.int32)).numpy()
-  assert recon.shape == (6,) + SMALL
+# Broadcasting, training and evaluation inside the VAE: test_pixelcnn.py, for both
+# decoders.
 
 
 def test_vae_pixel_mean_sets_the_made_output_bias():

@@ -1,10 +1,12 @@
-"""Tests of models.pixelcnn and the VAE's --decoder=pixelcnn.
+"""Tests of models.pixelcnn and the VAE's --decoder=pixelcnn (and, shared with it,
+the VAE-level tests of --decoder=autoregressive).
 
 The decisive checks are exact: on 3x3 binary images the 512 probabilities p(x | z)
 sum to one (they cannot if any logit sees its own pixel or a later one), and each
 logit's gradient with respect to the pixels is zero from its own pixel on.
 """
 import itertools
+import unittest.mock
 
 import numpy as np
 import pytest
@@ -84,16 +86,6 @@ def test_untrained_decoder_equals_the_factorized_one():
                          factorized.likelihood(z).log_prob(x).numpy())
 
 
-def test_likelihood_broadcasts_x_over_the_sample_axis():
-  model = _vae()
-  x = tf.constant(np.random.RandomState(1).randint(0, 2, (3,) + SMALL), tf.float32)
-  zk = tf.random.stateless_normal([5, 3, LATENT], seed=[2, 2])
-  joint = model.likelihood(zk).log_prob(x).numpy()
-  for k in range(5):
-    np.testing.assert_allclose(joint[k], model.likelihood(zk[k]).log_prob(x).numpy(),
-                               rtol=1e-5)
-
-
 def test_generated_probabilities_are_the_conditionals_of_the_drawn_image():
   model = _vae()
   z = tf.random.stateless_normal([6, LATENT], seed=[3, 1])
@@ -106,9 +98,29 @@ def test_generated_probabilities_are_the_conditionals_of_the_drawn_image():
   np.testing.assert_array_equal(x.numpy(), again.numpy())
 
 
+# Both pixel-ordered decoders inside the VAE (the MADE's own tests: test_made.py).
+DECODERS = {'pixelcnn': ('pixelcnn_', _vae),
+            'autoregressive': ('made_', lambda **o: vae.VAE(
+                vae.VAEConfig(encoder_sizes=(16,), decoder_sizes=(16,), latent_dim=LATENT,
+                              decoder='autoregressive', **o), image_shape=SMALL, seed=0))}
+
+
+@pytest.mark.parametrize('decoder', list(DECODERS))
+def test_likelihood_broadcasts_x_over_the_sample_axis(decoder):
+  model = DECODERS[decoder][1]()
+  x = tf.constant(np.random.RandomState(1).randint(0, 2, (3,) + SMALL), tf.float32)
+  zk = tf.random.stateless_normal([5, 3, LATENT], seed=[2, 2])
+  joint = model.likelihood(zk).log_prob(x).numpy()
+  for k in range(5):
+    np.testing.assert_allclose(joint[k], model.likelihood(zk[k]).log_prob(x).numpy(),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize('decoder', list(DECODERS))
 @pytest.mark.parametrize('objective', ['elbo', 'iwae'])
-def test_vae_with_pixelcnn_decoder_trains_and_every_variable_gets_a_gradient(objective):
-  model = _vae(objective=objective, num_iw_samples=4 if objective == 'iwae' else 1)
+def test_vae_trains_and_every_variable_gets_a_gradient(decoder, objective):
+  prefix, make = DECODERS[decoder]
+  model = make(objective=objective, num_iw_samples=4 if objective == 'iwae' else 1)
   x = tf.constant(np.random.RandomState(0).randint(0, 2, (8,) + SMALL), tf.float32)
   with tf.GradientTape() as tape:
     loss, _, _ = model.loss_terms(x, kl_weight=1.0, seed=tf.constant([1, 1], tf.int32))
@@ -117,11 +129,12 @@ def test_vae_with_pixelcnn_decoder_trains_and_every_variable_gets_a_gradient(obj
   names = [v.name for v, g in zip(model.trainable_variables, grads)
            if g is None or not np.any(g.numpy())]
   assert not names
-  assert any('pixelcnn_' in v.name for v in model.trainable_variables)
+  assert any(prefix in v.name for v in model.trainable_variables)
 
 
-def test_vae_eval_log_likelihood_bounds_the_elbo_and_sample_gives_images():
-  model = _vae()
+@pytest.mark.parametrize('decoder', list(DECODERS))
+def test_vae_eval_log_likelihood_bounds_the_elbo_and_sample_gives_images(decoder):
+  model = DECODERS[decoder][1]()
   x = tf.constant(np.random.RandomState(0).randint(0, 2, (6,) + SMALL), tf.float32)
   out = model.eval_terms(x, seed=tf.constant([1, 2], tf.int32), iw_samples=64,
                          iw_chunk_size=16)
@@ -183,3 +196,24 @@ def test_engine_trains_the_pixelcnn_vae_under_xla(tmp_path):
   metrics = controller.train(config, tf.distribute.get_strategy(), log=lambda s: None)
   assert metrics['step'] == 10
   assert np.isfinite(metrics['nll']) and -metrics['nll'] >= metrics['elbo'] - 0.5
+
+
+def test_evaluation_bounds_the_importance_samples_scored_at_a_time():
+  # 28x28 images with 32 filters: 25,088 floats per sample, 10 fit in 2^18.
+  assert vae.bounded_chunk(1000, 100, 28 * 28 * 32) == 10
+  assert vae.bounded_chunk(1000, 5, 28 * 28 * 32) == 5
+  assert vae.bounded_chunk(999, 100, 28 * 28 * 32) == 9  # a divisor of 999
+  assert vae.bounded_chunk(7, 100, 10 ** 9) == 1
+  model = _vae()
+  x = tf.constant(np.random.RandomState(0).randint(0, 2, (4,) + SMALL), tf.float32)
+  seed = tf.constant([1, 2], tf.int32)
+  assert vae.bounded_chunk(12, 12, 1, budget=4) == 4
+  # 3x3 images, 8 filters: a budget of 4 samples' activations per image.
+  with unittest.mock.patch.object(vae, 'PIXELCNN_EVAL_FLOATS_PER_EXAMPLE', 4 * 9 * 8):
+    bounded = model.eval_terms(x, seed=seed, iw_samples=12, iw_chunk_size=12)
+  explicit = model.eval_terms(x, seed=seed, iw_samples=12, iw_chunk_size=4)
+  unbounded = model.eval_terms(x, seed=seed, iw_samples=12, iw_chunk_size=12)
+  np.testing.assert_allclose(bounded['log_likelihood'].numpy(),
+                             explicit['log_likelihood'].numpy(), rtol=1e-6)
+  assert not np.allclose(bounded['log_likelihood'].numpy(),
+                         unbounded['log_likelihood'].numpy())
