@@ -36,7 +36,7 @@ from engine import config as config_lib  # noqa: E402
 flags.DEFINE_float('minutes', 5.0, 'Training budget per configuration, in minutes (> 0).')
 flags.DEFINE_list('configs', ['vae', 'iwae50'], 'Configurations to run: '
                   'vae (default MLP ELBO), iwae50 (IWAE k=50), conv (conv VAE), '
-                  'made (autoregressive MADE decoder), pixelcnn (masked-convolution '
+                  'made (autoregressive MADE decoder), pixelcnn (causal-convolution '
                   'decoder), mixture (learned mixture prior), '
                   'vamp (VampPrior).')
 flags.DEFINE_integer('steps', 0, 'Fixed step budget per configuration instead of the '
@@ -74,7 +74,7 @@ _CONFIGS = {
     # The default encoder; the decoder is a MADE (two masked layers of 512)
     # conditioned on z, so each pixel also depends on the pixels before it.
     'made': dict(decoder='autoregressive', decoder_sizes=(512, 512), kl_warmup_steps=5000),
-    # The default network; its logits corrected from a masked 7x7 convolution of
+    # The default network; its logits corrected from a causal 7x7 convolution of
     # the pixels above and left of each pixel (models/pixelcnn.py).
     'pixelcnn': dict(decoder='pixelcnn', kl_warmup_steps=5000),
     # Learned priors (models/latent_priors.py); their rate is a Monte-Carlo estimate.

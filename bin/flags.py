@@ -61,13 +61,13 @@ def define_flags():
                       'autoregressive (a MADE conditioned on z: each pixel also depends on '
                       'the pixels before it; --likelihood=bernoulli only; --decoder_sizes '
                       'are its hidden sizes) | pixelcnn (the factorized logits corrected '
-                      'from a masked convolution of the pixels above and left of each '
+                      'from a causal convolution of the pixels above and left of each '
                       'pixel; --likelihood=bernoulli, one-channel images).')
   flags.DEFINE_integer('pixelcnn_filters', 32, 'Channels of the pixelcnn decoder (> 0).')
   flags.DEFINE_integer('pixelcnn_kernel', 7,
-                       "Window of the pixelcnn decoder's masked convolution (odd, >= 3).")
+                       "Window of the pixelcnn decoder's causal convolution (odd, >= 3).")
   flags.DEFINE_integer('pixelcnn_layers', 1,
-                       "1x1 hidden layers of the pixelcnn decoder after its masked "
+                       "1x1 hidden layers of the pixelcnn decoder after its causal "
                        "convolution (>= 0).")
   flags.DEFINE_float('likelihood_scale', 0.0, 'Gaussian likelihood std (>= 0; 0 learns it).')
   flags.DEFINE_string('objective', 'elbo', 'elbo | iwae.')

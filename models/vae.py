@@ -51,12 +51,12 @@ class VAEConfig:
     decoder: 'factorized' (pixels independent given z: the MLP or deconv decoder)
       or 'autoregressive' (a MADE conditioned on z, models/made.py: each pixel
       also depends on the pixels before it; Bernoulli only) or 'pixelcnn' (the
-      factorized decoder's logits corrected from a masked convolution of the pixels
+      factorized decoder's logits corrected from a causal convolution of the pixels
       above and to the left of each pixel, models/pixelcnn.py; Bernoulli,
       single-channel images only).
     pixelcnn_filters: channels of the pixelcnn decoder's hidden layers.
-    pixelcnn_kernel: size (odd, >= 3) of its masked convolution window.
-    pixelcnn_layers: its 1 x 1 hidden layers after the masked convolution (>= 0).
+    pixelcnn_kernel: size (odd, >= 3) of its causal convolution window.
+    pixelcnn_layers: its 1 x 1 hidden layers after the causal convolution (>= 0).
     likelihood_scale: fixed std of the Gaussian likelihood; 0 learns it.
     objective: 'elbo' or 'iwae'.
     num_iw_samples: samples per example for the IWAE objective.
@@ -546,7 +546,7 @@ class _PixelCNNLikelihood:
   """p(x | z) of the pixelcnn decoder, for z [..., d] with factorized logits a.
 
   Batch shape = z's leading dims, event = one image; `log_prob(x)` broadcasts x
-  [..., H, W, 1] against them. The masked convolution runs once per image of x,
+  [..., H, W, 1] against them. The causal convolution runs once per image of x,
   whatever the number of latent samples.
   """
 
