@@ -69,6 +69,10 @@ def define_flags():
   flags.DEFINE_integer('pixelcnn_layers', 1,
                        "1x1 hidden layers of the pixelcnn decoder after its causal "
                        "convolution (>= 0).")
+  flags.DEFINE_integer('pixelcnn_logit_window', 0,
+                       "0, or the size m (odd, >= 3) of an m x m window of the factorized "
+                       "decoder's probabilities around each pixel that the pixelcnn "
+                       "decoder also reads (0: only the pixel's own logit).")
   flags.DEFINE_float('likelihood_scale', 0.0, 'Gaussian likelihood std (>= 0; 0 learns it).')
   flags.DEFINE_string('objective', 'elbo', 'elbo | iwae.')
   flags.DEFINE_integer('num_iw_samples', 1, 'Samples per example for --objective=iwae (> 0).')

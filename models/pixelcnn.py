@@ -5,7 +5,8 @@ p(x | z) = prod_i Bernoulli(x_i | sigmoid(a_i(z) + f_i(x_<i, a_i(z), z))), pixel
 raster order. a(z) are the logits of the ordinary (factorized) decoder; f corrects
 them from the binary pixels in a window above and to the left of pixel i:
 
-  h_i = act(context_i(x) + u * a_i(z) + V z)       context: a causal k x k convolution
+  h_i = act(context_i(x) + u * a_i(z) + V z        context: a causal k x k convolution
+            [+ window_i(sigmoid(a(z)))])           window: an optional m x m convolution
   h_i = act(W_l h_i + b_l)                          (1 x 1 layers, l = 1..L)
   f_i = w . h_i                                      (starts at zero)
 
@@ -15,6 +16,11 @@ pixel i tell the decoder about the local grey level that z left uncertain (van d
 Oord et al., 2016, "Pixel Recurrent Neural Networks"; Gulrajani et al., 2017,
 "PixelVAE"). The output layer starts at zero, so an untrained model is exactly the
 factorized VAE.
+
+The optional window over the factorized probabilities sigmoid(a(z)) around pixel i
+(`logit_window` m > 0; it depends on z only, so it may look ahead) lets the head
+compare the pixels drawn so far with what z predicted for them, and what z
+predicts next to pixel i.
 
 The convolution of x does not depend on z: it is computed once per image and
 shared by every latent sample (the importance samples of the log-likelihood
@@ -35,20 +41,25 @@ def causal_mask(kernel_size):
   return mask
 
 
-class CausalConv2D(tf_keras.layers.Layer):
-  """A zero-padded k x k convolution of a single-channel image that sees only the
-  pixels strictly before each output pixel in raster order (PixelCNN's mask A).
+class TapConv2D(tf_keras.layers.Layer):
+  """A zero-padded k x k convolution of a single-channel image, computed by
+  shifting the image once per tap and contracting the taps in one matmul (on this
+  CPU, faster than `conv2d` when the image's gradient is needed).
 
-  Only the taps of `causal_mask` have weights, so no later pixel can leak in.
-  The image is shifted once per tap and the taps are contracted in one matmul.
+  causal=True: only the taps of `causal_mask` have weights, so each output pixel
+  sees only the pixels strictly before it in raster order (PixelCNN's mask A) and
+  no later pixel can leak in. causal=False: the whole window, centred.
   """
 
-  def __init__(self, filters, kernel_size, *, kernel_initializer='glorot_uniform',
-               **kwargs):
+  def __init__(self, filters, kernel_size, *, causal=True, use_bias=True,
+               kernel_initializer='glorot_uniform', **kwargs):
     super().__init__(**kwargs)
     self.filters = int(filters)
     self.kernel_size = int(kernel_size)
-    self.taps = [tuple(t) for t in np.argwhere(causal_mask(self.kernel_size))]
+    self.causal = causal
+    self.use_bias = use_bias
+    mask = causal_mask(self.kernel_size) if causal else np.ones([self.kernel_size] * 2)
+    self.taps = [tuple(t) for t in np.argwhere(mask)]
     self.kernel_initializer = tf_keras.initializers.get(kernel_initializer)
 
   def build(self, input_shape):
@@ -56,16 +67,19 @@ class CausalConv2D(tf_keras.layers.Layer):
       raise ValueError(f'{self.name}: expects one channel, got {input_shape[-1]}.')
     self.kernel = self.add_weight('kernel', shape=[len(self.taps), self.filters],
                                   initializer=self.kernel_initializer)
-    self.bias = self.add_weight('bias', shape=[self.filters], initializer='zeros')
+    self.bias = (self.add_weight('bias', shape=[self.filters], initializer='zeros')
+                 if self.use_bias else None)
     super().build(input_shape)
 
   def call(self, x):
     """x [N, H, W, 1] -> [N, H, W, filters]."""
     h, w = x.shape[1], x.shape[2]
     r = self.kernel_size // 2
-    padded = tf.pad(x[..., 0], [[0, 0], [r, 0], [r, r]])  # nothing below is seen
+    below = 0 if self.causal else r  # the causal window sees nothing below
+    padded = tf.pad(x[..., 0], [[0, 0], [r, below], [r, r]])
     windows = tf.stack([padded[:, i:i + h, j:j + w] for i, j in self.taps], axis=-1)
-    return tf.einsum('nhwt,tf->nhwf', windows, self.kernel) + self.bias
+    out = tf.einsum('nhwt,tf->nhwf', windows, self.kernel)
+    return out if self.bias is None else out + self.bias
 
 
 class PixelCNNHead(tf_keras.layers.Layer):
@@ -77,12 +91,12 @@ class PixelCNNHead(tf_keras.layers.Layer):
   autoregressive logits, shaped like a.
   """
 
-  def __init__(self, *, filters, kernel_size, hidden_layers, seed=0, activation='relu',
-               **kwargs):
+  def __init__(self, *, filters, kernel_size, hidden_layers, logit_window=0, seed=0,
+               activation='relu', **kwargs):
     super().__init__(**kwargs)
     init = lambda i: tf_keras.initializers.GlorotUniform(seed=seed + i)
     self.activation = tf_keras.activations.get(activation)
-    self.conv = CausalConv2D(filters, kernel_size, kernel_initializer=init(0),
+    self.conv = TapConv2D(filters, kernel_size, kernel_initializer=init(0),
                              name='pixelcnn_context')
     self.logit_in = tf_keras.layers.Dense(filters, use_bias=False,
                                           kernel_initializer=init(1),
@@ -90,6 +104,11 @@ class PixelCNNHead(tf_keras.layers.Layer):
     self.latent_in = tf_keras.layers.Dense(filters, use_bias=False,
                                            kernel_initializer=init(2),
                                            name='pixelcnn_latent_in')
+    self.logit_window = None
+    if logit_window:
+      self.logit_window = TapConv2D(filters, logit_window, causal=False, use_bias=False,
+                                    kernel_initializer=init(3),
+                                    name='pixelcnn_logit_window')
     self.hidden = [tf_keras.layers.Dense(filters, activation=activation,
                                          kernel_initializer=init(10 + i),
                                          name=f'pixelcnn_hidden{i}')
@@ -110,7 +129,18 @@ class PixelCNNHead(tf_keras.layers.Layer):
     return tf.reshape(c, tf.concat([lead, tf.shape(c)[1:]], 0))
 
   def logits(self, context, a, z):
-    return self._correct(context + self.latent_in(z)[..., None, None, :], a)
+    return self._correct(context + self._from_latent(a, z), a)
+
+  def _from_latent(self, a, z):
+    """The first layer's terms from z [..., d] other than u * a: [..., 1, 1, F] or,
+    with the logit window, [..., H, W, F]."""
+    out = self.latent_in(z)[..., None, None, :]
+    if self.logit_window is None:
+      return out
+    lead = tf.shape(a)[:-3]
+    flat = tf.reshape(tf.sigmoid(a), tf.concat([[-1], tf.shape(a)[-3:]], 0))
+    window = self.logit_window(flat)
+    return out + tf.reshape(window, tf.concat([lead, tf.shape(window)[1:]], 0))
 
   def _correct(self, pre_activation, a):
     """a + f from the first layer's input without a's term, for pixels [..., 1]."""
@@ -139,13 +169,14 @@ class PixelCNNHead(tf_keras.layers.Layer):
     r = self.conv.kernel_size // 2
     rows, cols = (np.array(t) for t in zip(*self.conv.taps))
     u = tf.random.stateless_uniform(a.shape, seed=seed).numpy()
-    from_latent = self.latent_in(z) + self.conv.bias  # [N, F]
+    from_latent = (self._from_latent(a, z) + self.conv.bias).numpy()  # [N, 1|H, 1|W, F]
+    from_latent = np.broadcast_to(from_latent, [n, h, w, from_latent.shape[-1]])
     padded = np.zeros([n, h + r, w + 2 * r], np.float32)
     probs = np.zeros([n, h, w, 1], np.float32)
     for i in range(h):
       for j in range(w):
         window = tf.constant(padded[:, i + rows, j + cols])  # [N, taps]
-        pre = tf.matmul(window, self.conv.kernel) + from_latent
+        pre = tf.matmul(window, self.conv.kernel) + from_latent[:, i, j]
         p = tf.sigmoid(self._correct(pre, a[:, i, j, :])).numpy()  # [N, 1]
         probs[:, i, j, :] = p
         padded[:, i + r, j + r] = (u[:, i, j, 0] < p[:, 0]).astype(np.float32)

@@ -57,6 +57,9 @@ class VAEConfig:
     pixelcnn_filters: channels of the pixelcnn decoder's hidden layers.
     pixelcnn_kernel: size (odd, >= 3) of its causal convolution window.
     pixelcnn_layers: its 1 x 1 hidden layers after the causal convolution (>= 0).
+    pixelcnn_logit_window: 0, or the size m (odd, >= 3) of an m x m window of the
+      factorized decoder's probabilities around each pixel that the pixelcnn head
+      also reads (0: only the pixel's own logit).
     likelihood_scale: fixed std of the Gaussian likelihood; 0 learns it.
     objective: 'elbo' or 'iwae'.
     num_iw_samples: samples per example for the IWAE objective.
@@ -81,6 +84,7 @@ class VAEConfig:
   pixelcnn_filters: int = 32
   pixelcnn_kernel: int = 7
   pixelcnn_layers: int = 1
+  pixelcnn_logit_window: int = 0
   likelihood_scale: float = 0.0
   objective: str = 'elbo'
   num_iw_samples: int = 1
@@ -129,6 +133,12 @@ class VAEConfig:
         or self.pixelcnn_layers < 0):
       raise errors.ConfigError(
           f'--pixelcnn_layers={self.pixelcnn_layers!r}: must be an integer >= 0.')
+    window = self.pixelcnn_logit_window
+    if (not isinstance(window, int) or isinstance(window, bool) or window < 0
+        or (window and (window < 3 or window % 2 == 0))):
+      raise errors.ConfigError(
+          f'--pixelcnn_logit_window={window!r}: must be 0 (off) or an odd integer >= 3 '
+          f'(the window is centred on the pixel), e.g. 5.')
     if self.likelihood_scale < 0:
       raise errors.ConfigError(
           f'--likelihood_scale={self.likelihood_scale}: must be >= 0 (0 learns the scale).')
@@ -302,7 +312,8 @@ class VAE(tf.Module):
             f'has {c} channels. Use --decoder=factorized or --decoder=autoregressive.')
       self.pixelcnn = pixelcnn.PixelCNNHead(
           filters=config.pixelcnn_filters, kernel_size=config.pixelcnn_kernel,
-          hidden_layers=config.pixelcnn_layers, seed=seed * 1000 + 500, activation=act,
+          hidden_layers=config.pixelcnn_layers,
+          logit_window=config.pixelcnn_logit_window, seed=seed * 1000 + 500, activation=act,
           name='pixelcnn')
       self.pixelcnn.build_for(self.image_shape, d)
     if pixel_mean is not None:
@@ -455,8 +466,11 @@ class VAE(tf.Module):
     if iw_samples:
       chunk = min(iw_chunk_size, iw_samples)
       if self.pixelcnn is not None:
-        chunk = bounded_chunk(iw_samples, chunk, int(np.prod(self.image_shape))
-                              * self.config.pixelcnn_filters)
+        filters, window = self.config.pixelcnn_filters, self.config.pixelcnn_logit_window
+        # Per pixel and sample: the first layer's F channels, and with the logit window
+        # its m^2 taps and F more channels.
+        per_pixel = filters + (window ** 2 + filters if window else 0)
+        chunk = bounded_chunk(iw_samples, chunk, int(np.prod(self.image_shape)) * per_pixel)
       out['log_likelihood'] = objectives.iw_log_likelihood(
           q, prior, self.likelihood, x, num_samples=iw_samples, chunk_size=chunk,
           seed=iw_seed)

@@ -255,7 +255,8 @@ def test_a_bnn_run_recorded_before_posterior_scale_existed_reads_as_softplus(tmp
 
 @pytest.mark.parametrize('field,before,other', [('decoder', 'factorized', 'autoregressive'),
                                                  ('activation', 'relu', 'swish'),
-                                                 ('pixelcnn_kernel', 7, 5)])
+                                                 ('pixelcnn_kernel', 7, 5),
+                                                 ('pixelcnn_logit_window', 0, 3)])
 def test_a_vae_run_recorded_before_a_field_existed_reads_as_its_old_value(
     tmp_path, field, before, other):
   """A config.json without model_options.decoder (or .activation) ran with the

@@ -45,9 +45,23 @@ def test_causal_mask_sees_only_earlier_pixels():
   assert mask.sum() == 24 and mask[3, 3] == 0 and mask[3, 2] == 1 and mask[4:].sum() == 0
 
 
-@pytest.mark.parametrize('kernel,layers', [(3, 0), (3, 1), (5, 2)])
-def test_probabilities_of_all_images_sum_to_one(kernel, layers):
-  model = _vae(seed=kernel + layers, pixelcnn_kernel=kernel, pixelcnn_layers=layers)
+@pytest.mark.parametrize('causal', [True, False])
+def test_tap_convolution_equals_a_masked_conv2d(causal):
+  layer = pixelcnn.TapConv2D(4, 5, causal=causal, use_bias=False)
+  x = tf.random.stateless_uniform([2, 6, 7, 1], seed=[0, 1])
+  out = layer(x)
+  mask = pixelcnn.causal_mask(5) if causal else np.ones([5, 5], np.float32)
+  dense = np.zeros([25, 4], np.float32)
+  dense[np.flatnonzero(mask)] = layer.kernel.numpy()
+  expected = tf.nn.conv2d(x, dense.reshape([5, 5, 1, 4]), 1, 'SAME')
+  np.testing.assert_allclose(out.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('kernel,layers,window', [(3, 0, 0), (3, 1, 0), (5, 2, 0),
+                                                  (3, 1, 3)])
+def test_probabilities_of_all_images_sum_to_one(kernel, layers, window):
+  model = _vae(seed=kernel + layers, pixelcnn_kernel=kernel, pixelcnn_layers=layers,
+               pixelcnn_logit_window=window)
   x = tf.reshape(_all_images(SMALL), [512, 1, 1] + list(SMALL))
   z = tf.random.stateless_normal([2, 3, LATENT], seed=[4, 4])  # [K, B, d]
   log_p = model.likelihood(z).log_prob(x)  # broadcast to [512, K, B]
@@ -56,9 +70,11 @@ def test_probabilities_of_all_images_sum_to_one(kernel, layers):
                              np.ones([2, 3]), rtol=1e-5)
 
 
-def test_a_logit_depends_on_earlier_pixels_only_and_on_some_of_them():
+@pytest.mark.parametrize('window', [0, 5])
+def test_a_logit_depends_on_earlier_pixels_only_and_on_some_of_them(window):
   # tanh: a random relu network may have no active unit at some pixel.
-  model = _vae(image_shape=(5, 5, 1), pixelcnn_kernel=5, activation='tanh')
+  model = _vae(image_shape=(5, 5, 1), pixelcnn_kernel=5, activation='tanh',
+               pixelcnn_logit_window=window)
   x = tf.Variable(tf.constant(np.random.RandomState(0).randint(0, 2, (1, 5, 5, 1)),
                               tf.float32))
   z = tf.random.stateless_normal([1, LATENT], seed=[1, 2])
@@ -86,8 +102,9 @@ def test_untrained_decoder_equals_the_factorized_one():
                          factorized.likelihood(z).log_prob(x).numpy())
 
 
-def test_generated_probabilities_are_the_conditionals_of_the_drawn_image():
-  model = _vae()
+@pytest.mark.parametrize('window', [0, 3])
+def test_generated_probabilities_are_the_conditionals_of_the_drawn_image(window):
+  model = _vae(pixelcnn_logit_window=window)
   z = tf.random.stateless_normal([6, LATENT], seed=[3, 1])
   a = model._factorized_logits(z)
   x, probs = model.pixelcnn.generate(a, z, tf.constant([5, 5], tf.int32))
@@ -96,6 +113,21 @@ def test_generated_probabilities_are_the_conditionals_of_the_drawn_image():
   np.testing.assert_allclose(probs.numpy(), teacher_forced.numpy(), rtol=1e-5, atol=1e-6)
   again, _ = model.pixelcnn.generate(a, z, tf.constant([5, 5], tf.int32))
   np.testing.assert_array_equal(x.numpy(), again.numpy())
+
+
+def test_the_logit_window_reads_the_neighbours_predicted_probabilities():
+  """With the window, pixel i's logit depends on the factorized logits of pixels
+  around it, later ones included (they depend on z only); without it, on a_i only."""
+  z = tf.random.stateless_normal([1, LATENT], seed=[1, 2])
+  x = tf.constant(np.random.RandomState(0).randint(0, 2, (1, 5, 5, 1)), tf.float32)
+  for window, expected in [(0, {12}), (3, {6, 7, 8, 11, 12, 13, 16, 17, 18})]:
+    model = _vae(image_shape=(5, 5, 1), pixelcnn_kernel=3, activation='tanh',
+                 pixelcnn_logit_window=window)
+    a = tf.Variable(model._factorized_logits(z))
+    with tf.GradientTape() as tape:
+      centre = tf.reshape(model.pixelcnn.logits(model.pixelcnn.context(x), a, z), [-1])[12]
+    grad = tf.reshape(tape.gradient(centre, a), [-1]).numpy()
+    assert set(np.flatnonzero(grad)) == expected
 
 
 # Both pixel-ordered decoders inside the VAE (the MADE's own tests: test_made.py).
@@ -168,6 +200,9 @@ def test_pixel_mean_sets_the_factorized_output_bias():
     (dict(pixelcnn_kernel=1), '--pixelcnn_kernel'),
     (dict(pixelcnn_filters=0), '--pixelcnn_filters'),
     (dict(pixelcnn_layers=-1), '--pixelcnn_layers'),
+    (dict(pixelcnn_logit_window=2), '--pixelcnn_logit_window'),
+    (dict(pixelcnn_logit_window=1), '--pixelcnn_logit_window'),
+    (dict(pixelcnn_logit_window=-3), '--pixelcnn_logit_window'),
 ])
 def test_config_errors_name_the_flag(overrides, flag):
   with pytest.raises(errors.ConfigError, match=flag):
