@@ -43,8 +43,7 @@ def causal_mask(kernel_size):
 
 class TapConv2D(tf_keras.layers.Layer):
   """A zero-padded k x k convolution of a single-channel image, computed by
-  shifting the image once per tap and contracting the taps in one matmul (on this
-  CPU, faster than `conv2d` when the image's gradient is needed).
+  shifting the image once per tap and contracting the taps in one matmul.
 
   causal=True: only the taps of `causal_mask` have weights, so each output pixel
   sees only the pixels strictly before it in raster order (PixelCNN's mask A) and
@@ -97,7 +96,7 @@ class PixelCNNHead(tf_keras.layers.Layer):
     init = lambda i: tf_keras.initializers.GlorotUniform(seed=seed + i)
     self.activation = tf_keras.activations.get(activation)
     self.conv = TapConv2D(filters, kernel_size, kernel_initializer=init(0),
-                             name='pixelcnn_context')
+                          name='pixelcnn_context')
     self.logit_in = tf_keras.layers.Dense(filters, use_bias=False,
                                           kernel_initializer=init(1),
                                           name='pixelcnn_logit_in')
