@@ -71,14 +71,16 @@ class TapConv2D(tf_keras.layers.Layer):
     super().build(input_shape)
 
   def call(self, x):
-    """x [N, H, W, 1] -> [N, H, W, filters]."""
-    h, w = x.shape[1], x.shape[2]
+    """x [..., H, W, 1] -> [..., H, W, filters]."""
+    h, w = x.shape[-3], x.shape[-2]
+    lead = tf.shape(x)[:-3]
     r = self.kernel_size // 2
     below = 0 if self.causal else r  # the causal window sees nothing below
-    padded = tf.pad(x[..., 0], [[0, 0], [r, below], [r, r]])
+    padded = tf.pad(tf.reshape(x, [-1, h, w]), [[0, 0], [r, below], [r, r]])
     windows = tf.stack([padded[:, i:i + h, j:j + w] for i, j in self.taps], axis=-1)
     out = tf.einsum('nhwt,tf->nhwf', windows, self.kernel)
-    return out if self.bias is None else out + self.bias
+    out = out if self.bias is None else out + self.bias
+    return tf.reshape(out, tf.concat([lead, [h, w, self.filters]], 0))
 
 
 class PixelCNNHead(tf_keras.layers.Layer):
@@ -121,11 +123,14 @@ class PixelCNNHead(tf_keras.layers.Layer):
     self.logits(self.context(x), x, tf.zeros([1, latent_dim]))
 
   def context(self, x):
-    x = tf.cast(x, tf.float32)
-    lead = tf.shape(x)[:-3]
-    flat = tf.reshape(x, tf.concat([[-1], tf.shape(x)[-3:]], 0))
-    c = self.conv(flat)
-    return tf.reshape(c, tf.concat([lead, tf.shape(c)[1:]], 0))
+    return self.conv(tf.cast(x, tf.float32))
+
+  def floats_per_pixel(self):
+    """Activations per pixel of one latent sample: the first layer's F channels and,
+    with the logit window, its m^2 taps and F more channels."""
+    window = self.logit_window
+    return self.conv.filters + (0 if window is None
+                                else len(window.taps) + window.filters)
 
   def logits(self, context, a, z):
     return self._correct(context + self._from_latent(a, z), a)
@@ -136,10 +141,7 @@ class PixelCNNHead(tf_keras.layers.Layer):
     out = self.latent_in(z)[..., None, None, :]
     if self.logit_window is None:
       return out
-    lead = tf.shape(a)[:-3]
-    flat = tf.reshape(tf.sigmoid(a), tf.concat([[-1], tf.shape(a)[-3:]], 0))
-    window = self.logit_window(flat)
-    return out + tf.reshape(window, tf.concat([lead, tf.shape(window)[1:]], 0))
+    return out + self.logit_window(tf.sigmoid(a))
 
   def _correct(self, pre_activation, a):
     """a + f from the first layer's input without a's term, for pixels [..., 1]."""

@@ -124,21 +124,13 @@ class VAEConfig:
     if not isinstance(self.kl_warmup_steps, int) or self.kl_warmup_steps < 0:
       raise errors.ConfigError(
           f'--kl_warmup_steps={self.kl_warmup_steps!r}: must be an integer >= 0.')
-    if (not isinstance(self.pixelcnn_kernel, int) or isinstance(self.pixelcnn_kernel, bool)
-        or self.pixelcnn_kernel < 3 or self.pixelcnn_kernel % 2 == 0):
-      raise errors.ConfigError(
-          f'--pixelcnn_kernel={self.pixelcnn_kernel!r}: must be an odd integer >= 3 '
-          f'(the window is centred on the pixel), e.g. 7.')
+    _check_window('pixelcnn_kernel', self.pixelcnn_kernel, 7)
     if (not isinstance(self.pixelcnn_layers, int) or isinstance(self.pixelcnn_layers, bool)
         or self.pixelcnn_layers < 0):
       raise errors.ConfigError(
           f'--pixelcnn_layers={self.pixelcnn_layers!r}: must be an integer >= 0.')
-    window = self.pixelcnn_logit_window
-    if (not isinstance(window, int) or isinstance(window, bool) or window < 0
-        or (window and (window < 3 or window % 2 == 0))):
-      raise errors.ConfigError(
-          f'--pixelcnn_logit_window={window!r}: must be 0 (off) or an odd integer >= 3 '
-          f'(the window is centred on the pixel), e.g. 5.')
+    if self.pixelcnn_logit_window != 0:
+      _check_window('pixelcnn_logit_window', self.pixelcnn_logit_window, 5, zero_is_off=True)
     if self.likelihood_scale < 0:
       raise errors.ConfigError(
           f'--likelihood_scale={self.likelihood_scale}: must be >= 0 (0 learns the scale).')
@@ -466,11 +458,8 @@ class VAE(tf.Module):
     if iw_samples:
       chunk = min(iw_chunk_size, iw_samples)
       if self.pixelcnn is not None:
-        filters, window = self.config.pixelcnn_filters, self.config.pixelcnn_logit_window
-        # Per pixel and sample: the first layer's F channels, and with the logit window
-        # its m^2 taps and F more channels.
-        per_pixel = filters + (window ** 2 + filters if window else 0)
-        chunk = bounded_chunk(iw_samples, chunk, int(np.prod(self.image_shape)) * per_pixel)
+        chunk = bounded_chunk(iw_samples, chunk, int(np.prod(self.image_shape))
+                              * self.pixelcnn.floats_per_pixel())
       out['log_likelihood'] = objectives.iw_log_likelihood(
           q, prior, self.likelihood, x, num_samples=iw_samples, chunk_size=chunk,
           seed=iw_seed)
@@ -578,6 +567,13 @@ class _PixelCNNLikelihood:
 
 
 Config = VAEConfig
+
+
+def _check_window(name, size, example, zero_is_off=False):
+  if not isinstance(size, int) or isinstance(size, bool) or size < 3 or size % 2 == 0:
+    allowed = '0 (off) or an odd integer >= 3' if zero_is_off else 'an odd integer >= 3'
+    raise errors.ConfigError(f'--{name}={size!r}: must be {allowed} (the window is '
+                             f'centred on the pixel), e.g. {example}.')
 
 
 def prepare_data(config: VAEConfig, dataset, *, data_config, seed):
