@@ -51,6 +51,8 @@ flags.DEFINE_multi_string('define', [], 'Extra configuration NAME=FIELD:VALUE,..
 flags.DEFINE_integer('batch_size', 128, 'Global batch size of every configuration.')
 flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate (the peak of a cosine '
                    'schedule) of every configuration.')
+flags.DEFINE_float('weight_decay', 0.0, 'Decoupled weight decay of every configuration '
+                   '(TrainConfig.weight_decay; 0: off).')
 flags.DEFINE_float('ema_decay', 0.0, 'Weight-average decay of every configuration '
                    '(TrainConfig.ema_decay; 0: off). When on, the test figures are of the '
                    'averaged weights, and the trained weights are evaluated too, with '
@@ -97,7 +99,7 @@ def _config(name, train_steps, model_dir):
           lr_schedule=FLAGS.lr_schedule, lr_final_fraction=FLAGS.lr_final_fraction,
           eval_every=10**9 // 500 * 500, checkpoint_every=10**9 // 500 * 500,
           eval_iw_samples=FLAGS.eval_iw_samples, iw_chunk_size=FLAGS.iw_chunk_size,
-          ema_decay=FLAGS.ema_decay))
+          weight_decay=FLAGS.weight_decay, ema_decay=FLAGS.ema_decay))
 
 
 def _steps_for_budget(name, strategy, data):
@@ -135,6 +137,7 @@ def main(argv):
   names = FLAGS.configs if FLAGS['configs'].present or not defined else list(defined)
   print(f'batch {FLAGS.batch_size}; learning rate: {FLAGS.learning_rate:g}, {FLAGS.lr_schedule}'
         + (f' to x{FLAGS.lr_final_fraction:g}' if FLAGS.lr_schedule != 'constant' else '')
+        + (f'; weight decay {FLAGS.weight_decay:g}' if FLAGS.weight_decay else '')
         + (f'; {FLAGS.steps} steps per config' if FLAGS.steps
            else f'; {FLAGS.minutes:g} min per config (sized from a burn-in)'), flush=True)
   rows = []

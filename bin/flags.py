@@ -73,6 +73,9 @@ def define_flags():
                        "0, or the size m (odd, >= 3) of an m x m window of the factorized "
                        "decoder's probabilities around each pixel that the pixelcnn "
                        "decoder also reads (0: only the pixel's own logit).")
+  flags.DEFINE_integer('pixelcnn_latent_maps', 0,
+                       "C >= 0 more numbers per pixel that the factorized decoder computes "
+                       "from z for the pixelcnn decoder's head, beside its logits (0: none).")
   flags.DEFINE_float('likelihood_scale', 0.0, 'Gaussian likelihood std (>= 0; 0 learns it).')
   flags.DEFINE_string('objective', 'elbo', 'elbo | iwae.')
   flags.DEFINE_integer('num_iw_samples', 1, 'Samples per example for --objective=iwae (> 0).')
@@ -105,6 +108,10 @@ def define_flags():
                      'Last learning rate of --lr_schedule=cosine, as a fraction of '
                      '--learning_rate (in [0, 1]).')
   flags.DEFINE_float('clip_grad_norm', 0.0, 'Clip the global gradient norm (0: off).')
+  flags.DEFINE_float('weight_decay', 0.0,
+                     'Decoupled weight decay (AdamW): each step shrinks every kernel by '
+                     'the current learning rate times this, of itself (>= 0; biases, '
+                     'scales and learned priors do not decay; 0: off).')
   flags.DEFINE_float('ema_decay', 0.0,
                      'Keep an exponential moving average of the weights with this decay '
                      '(in [0, 1), e.g. 0.999) and evaluate and sample with it; 0: off.')
@@ -272,7 +279,7 @@ def experiment_config():
       model_dir=FLAGS.model_dir, train_steps=FLAGS.train_steps, batch_size=FLAGS.batch_size,
       learning_rate=FLAGS.learning_rate, lr_schedule=FLAGS.lr_schedule,
       lr_final_fraction=FLAGS.lr_final_fraction, clip_grad_norm=FLAGS.clip_grad_norm,
-      ema_decay=FLAGS.ema_decay, ema_every=FLAGS.ema_every,
+      weight_decay=FLAGS.weight_decay, ema_decay=FLAGS.ema_decay, ema_every=FLAGS.ema_every,
       steps_per_loop=FLAGS.steps_per_loop, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       jit_compile=FLAGS.jit_compile, prefetch_noise=FLAGS.prefetch_noise, seed=FLAGS.seed,

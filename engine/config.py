@@ -67,6 +67,9 @@ class TrainConfig:
       learning_rate at step 0 to learning_rate * lr_final_fraction at train_steps).
     lr_final_fraction: the cosine schedule's last rate, as a fraction of the first.
     clip_grad_norm: clip the global gradient norm to this (0: no clipping).
+    weight_decay: decoupled weight decay (AdamW): each step shrinks every kernel
+      (weight matrix) by learning_rate(step) * weight_decay of itself, beside Adam's
+      update; biases, scales and a learned prior do not decay. 0: off.
     ema_decay: keep an exponential moving average of the weights with this decay
       (engine/averaging.py; e.g. 0.999) and evaluate, sample and draw the
       TensorBoard images with it; 0: off, everything uses the trained weights.
@@ -102,6 +105,7 @@ class TrainConfig:
   lr_schedule: str = 'constant'
   lr_final_fraction: float = 0.0
   clip_grad_norm: float = 0.0
+  weight_decay: float = 0.0
   ema_decay: float = 0.0
   ema_every: int = 10
   steps_per_loop: int = 500
@@ -142,6 +146,12 @@ class TrainConfig:
     if not (isinstance(self.clip_grad_norm, (int, float)) and self.clip_grad_norm >= 0):
       raise errors.ConfigError(
           f'--clip_grad_norm={self.clip_grad_norm!r}: must be >= 0 (0 turns clipping off).')
+    if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay
+            and self.weight_decay * self.learning_rate < 1):
+      raise errors.ConfigError(
+          f'--weight_decay={self.weight_decay!r}: must be >= 0 and below '
+          f'1 / --learning_rate (each step shrinks the kernels by learning_rate * '
+          f'weight_decay of themselves), e.g. 1e-2; 0 turns it off.')
     if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
       raise errors.ConfigError(
           f'--ema_decay={self.ema_decay!r}: must be in [0, 1), e.g. 0.999 (0 turns the '

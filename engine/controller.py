@@ -81,7 +81,9 @@ def build(config, strategy, *, data=None, record_config=True):
                          global_batch_size=config.train.batch_size)
   with strategy.scope():
     optimizer = precision.make_optimizer(config.train.precision,
-                                         schedules.learning_rate(config.train))
+                                         schedules.learning_rate(config.train),
+                                         weight_decay=config.train.weight_decay,
+                                         variables=model.trainable_variables)
     optimizer.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name='global_step')
     average = None

@@ -32,9 +32,24 @@ def policy_scope(precision):
     tf_keras.mixed_precision.set_global_policy(previous)
 
 
-def make_optimizer(precision, learning_rate):
-  """Adam (a float rate or an engine.schedules schedule); loss-scaled for float16."""
-  optimizer = tf_keras.optimizers.Adam(learning_rate=learning_rate)
+def decayed(variable):
+  """Whether weight decay applies to `variable`: a layer's kernel (weight matrix),
+  not a bias, a scale, a learned prior or a variational posterior's parameters."""
+  return variable.name.split('/')[-1].split(':')[0] == 'kernel'
+
+
+def make_optimizer(precision, learning_rate, *, weight_decay=0.0, variables=()):
+  """Adam (a float rate or an engine.schedules schedule); loss-scaled for float16.
+
+  With `weight_decay` > 0 it is AdamW: before each update, every kernel among
+  `variables` (the model's trainable variables; see `decayed`) shrinks by
+  learning_rate(step) * weight_decay of itself. Build the optimizer on `variables`.
+  """
+  optimizer = tf_keras.optimizers.Adam(learning_rate=learning_rate,
+                                       weight_decay=weight_decay or None)
+  if weight_decay:
+    optimizer.exclude_from_weight_decay(
+        var_list=[v for v in variables if not decayed(v)])
   if needs_loss_scaling(precision):
     optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer, dynamic=True)
   return optimizer
