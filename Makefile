@@ -39,7 +39,7 @@ train: setup
 	$(PY) -m bin.train --model_dir=$(MODEL_DIR) $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: setup
 	$(PY) benchmarks/throughput.py

@@ -6,7 +6,8 @@ raster order. a(z) are the logits of the ordinary (factorized) decoder; f correc
 them from the binary pixels in a window above and to the left of pixel i:
 
   h_i = act(context_i(x) + u * a_i(z) + V z        context: a causal k x k convolution
-            [+ window_i(sigmoid(a(z)))])           window: an optional m x m convolution
+            [+ window_i(sigmoid(a(z)))]            window: an optional m x m convolution
+            [+ M g_i(z)])                          g: optional per-pixel latent maps
   h_i = act(W_l h_i + b_l)                          (1 x 1 layers, l = 1..L)
   f_i = w . h_i                                      (starts at zero)
 
@@ -20,7 +21,11 @@ factorized VAE.
 The optional window over the factorized probabilities sigmoid(a(z)) around pixel i
 (`logit_window` m > 0; it depends on z only, so it may look ahead) lets the head
 compare the pixels drawn so far with what z predicted for them, and what z
-predicts next to pixel i.
+predicts next to pixel i. The optional latent maps (`latent_maps` C > 0) are C more
+numbers per pixel that the factorized decoder computes from z beside a(z) (its output
+layer gets C more channels), read through a 1 x 1 layer: z then tells the head more
+than one logit per pixel, as PixelVAE's decoder conditions its PixelCNN on a feature
+map of z.
 
 The convolution of x does not depend on z: it is computed once per image and
 shared by every latent sample (the importance samples of the log-likelihood
@@ -87,13 +92,13 @@ class PixelCNNHead(tf_keras.layers.Layer):
   """Corrects a factorized decoder's logits from the pixels before each pixel.
 
   `context(x)` takes images [..., H, W, 1] in {0, 1} and returns [..., H, W, F];
-  `logits(context, a, z)` takes the factorized logits a [..., H, W, 1] and z
-  [..., d] (leading dims broadcast against the context's) and returns the
-  autoregressive logits, shaped like a.
+  `logits(context, a, z)` takes the factorized decoder's output a [..., H, W, 1 + C]
+  (the logits, then the C latent maps) and z [..., d] (leading dims broadcast
+  against the context's) and returns the autoregressive logits [..., H, W, 1].
   """
 
-  def __init__(self, *, filters, kernel_size, hidden_layers, logit_window=0, seed=0,
-               activation='relu', **kwargs):
+  def __init__(self, *, filters, kernel_size, hidden_layers, logit_window=0,
+               latent_maps=0, seed=0, activation='relu', **kwargs):
     super().__init__(**kwargs)
     init = lambda i: tf_keras.initializers.GlorotUniform(seed=seed + i)
     self.activation = tf_keras.activations.get(activation)
@@ -110,6 +115,12 @@ class PixelCNNHead(tf_keras.layers.Layer):
       self.logit_window = TapConv2D(filters, logit_window, causal=False, use_bias=False,
                                     kernel_initializer=init(3),
                                     name='pixelcnn_logit_window')
+    self.latent_maps = int(latent_maps)
+    self.maps_in = None
+    if self.latent_maps:
+      self.maps_in = tf_keras.layers.Dense(filters, use_bias=False,
+                                           kernel_initializer=init(4),
+                                           name='pixelcnn_maps_in')
     self.hidden = [tf_keras.layers.Dense(filters, activation=activation,
                                          kernel_initializer=init(10 + i),
                                          name=f'pixelcnn_hidden{i}')
@@ -120,31 +131,36 @@ class PixelCNNHead(tf_keras.layers.Layer):
   def build_for(self, image_shape, latent_dim):
     """Creates every weight (tf_keras builds layers on their first call)."""
     x = tf.zeros([1] + list(image_shape))
-    self.logits(self.context(x), x, tf.zeros([1, latent_dim]))
+    a = tf.zeros([1] + list(image_shape[:-1]) + [1 + self.latent_maps])
+    self.logits(self.context(x), a, tf.zeros([1, latent_dim]))
 
   def context(self, x):
     return self.conv(tf.cast(x, tf.float32))
 
   def floats_per_pixel(self):
-    """Activations per pixel of one latent sample: the first layer's F channels and,
-    with the logit window, its m^2 taps and F more channels."""
+    """Activations per pixel of one latent sample: the first layer's F channels;
+    with the logit window, its m^2 taps and F more channels; the C latent maps."""
     window = self.logit_window
-    return self.conv.filters + (0 if window is None
-                                else len(window.taps) + window.filters)
+    return (self.conv.filters + self.latent_maps
+            + (0 if window is None else len(window.taps) + window.filters))
 
   def logits(self, context, a, z):
     return self._correct(context + self._from_latent(a, z), a)
 
   def _from_latent(self, a, z):
     """The first layer's terms from z [..., d] other than u * a: [..., 1, 1, F] or,
-    with the logit window, [..., H, W, F]."""
+    with the logit window or latent maps, [..., H, W, F]."""
     out = self.latent_in(z)[..., None, None, :]
-    if self.logit_window is None:
-      return out
-    return out + self.logit_window(tf.sigmoid(a))
+    if self.logit_window is not None:
+      out = out + self.logit_window(tf.sigmoid(a[..., :1]))
+    if self.maps_in is not None:
+      out = out + self.maps_in(a[..., 1:])
+    return out
 
   def _correct(self, pre_activation, a):
-    """a + f from the first layer's input without a's term, for pixels [..., 1]."""
+    """a + f from the first layer's input without a's term, for pixels [..., 1 + C]
+    (only the logit, the first channel, is used here)."""
+    a = a[..., :1]
     h = self.activation(pre_activation + self.logit_in(a))
     for layer in self.hidden:
       h = layer(h)
@@ -158,7 +174,7 @@ class PixelCNNHead(tf_keras.layers.Layer):
     image costs a few small operations per pixel rather than a network pass.
 
     Args:
-      a: [N, H, W, 1] factorized logits of z.
+      a: [N, H, W, 1 + C] the factorized decoder's output for z (see `logits`).
       z: [N, d] latents.
       seed: int32 [2] stateless seed.
 
@@ -169,7 +185,7 @@ class PixelCNNHead(tf_keras.layers.Layer):
     n, h, w = int(a.shape[0]), int(a.shape[1]), int(a.shape[2])
     r = self.conv.kernel_size // 2
     rows, cols = (np.array(t) for t in zip(*self.conv.taps))
-    u = tf.random.stateless_uniform(a.shape, seed=seed).numpy()
+    u = tf.random.stateless_uniform([n, h, w, 1], seed=seed).numpy()
     from_latent = (self._from_latent(a, z) + self.conv.bias).numpy()  # [N, 1|H, 1|W, F]
     from_latent = np.broadcast_to(from_latent, [n, h, w, from_latent.shape[-1]])
     padded = np.zeros([n, h + r, w + 2 * r], np.float32)

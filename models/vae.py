@@ -60,6 +60,8 @@ class VAEConfig:
     pixelcnn_logit_window: 0, or the size m (odd, >= 3) of an m x m window of the
       factorized decoder's probabilities around each pixel that the pixelcnn head
       also reads (0: only the pixel's own logit).
+    pixelcnn_latent_maps: C >= 0 more numbers per pixel that the factorized
+      decoder computes from z for the pixelcnn head, beside its logits (0: none).
     likelihood_scale: fixed std of the Gaussian likelihood; 0 learns it.
     objective: 'elbo' or 'iwae'.
     num_iw_samples: samples per example for the IWAE objective.
@@ -85,6 +87,7 @@ class VAEConfig:
   pixelcnn_kernel: int = 7
   pixelcnn_layers: int = 1
   pixelcnn_logit_window: int = 0
+  pixelcnn_latent_maps: int = 0
   likelihood_scale: float = 0.0
   objective: str = 'elbo'
   num_iw_samples: int = 1
@@ -125,10 +128,16 @@ class VAEConfig:
       raise errors.ConfigError(
           f'--kl_warmup_steps={self.kl_warmup_steps!r}: must be an integer >= 0.')
     _check_window('pixelcnn_kernel', self.pixelcnn_kernel, 7)
-    if (not isinstance(self.pixelcnn_layers, int) or isinstance(self.pixelcnn_layers, bool)
-        or self.pixelcnn_layers < 0):
-      raise errors.ConfigError(
-          f'--pixelcnn_layers={self.pixelcnn_layers!r}: must be an integer >= 0.')
+    for name in ('pixelcnn_layers', 'pixelcnn_latent_maps'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise errors.ConfigError(f'--{name}={value!r}: must be an integer >= 0.')
+    for name in ('pixelcnn_logit_window', 'pixelcnn_latent_maps'):
+      if getattr(self, name) and self.decoder != 'pixelcnn':
+        raise errors.ConfigError(
+            f'--{name}={getattr(self, name)} feeds the pixelcnn decoder; '
+            f'--decoder={self.decoder} has no use for it. Use --decoder=pixelcnn, or '
+            f'--{name}=0.')
     if self.pixelcnn_logit_window != 0:
       _check_window('pixelcnn_logit_window', self.pixelcnn_logit_window, 5, zero_is_off=True)
     if self.likelihood_scale < 0:
@@ -250,14 +259,17 @@ class VAE(tf.Module):
 
     init = lambda i: tf_keras.initializers.GlorotUniform(seed=seed * 1000 + i)
     act = config.activation
+    # The factorized decoder's output per pixel: the image's channels (logits or
+    # means), then the pixelcnn head's latent maps.
+    out_channels = c + config.pixelcnn_latent_maps
     if config.architecture == 'mlp':
       enc = ([tf_keras.layers.Flatten(name='flatten')]
              + _mlp(config.encoder_sizes, 'encoder', seed * 1000, act))
       dec = _mlp(config.decoder_sizes, 'decoder', seed * 1000 + 100, act)
       out_init = init(200)
-      dec_out = [tf_keras.layers.Dense(num_pixels, kernel_initializer=out_init,
+      dec_out = [tf_keras.layers.Dense(h * w * out_channels, kernel_initializer=out_init,
                                        name='decoder_out', dtype='float32'),
-                 tf_keras.layers.Reshape(self.image_shape, dtype='float32')]
+                 tf_keras.layers.Reshape((h, w, out_channels), dtype='float32')]
     else:
       f1, f2 = config.conv_filters
       if h % 4 or w % 4:
@@ -278,7 +290,7 @@ class VAE(tf.Module):
                                               kernel_initializer=init(111),
                                               name='decoder_deconv0')]
       out_init = init(200)
-      dec_out = [tf_keras.layers.Conv2DTranspose(c, 5, 2, 'same',
+      dec_out = [tf_keras.layers.Conv2DTranspose(out_channels, 5, 2, 'same',
                                                  kernel_initializer=out_init,
                                                  name='decoder_out', dtype='float32')]
 
@@ -305,7 +317,8 @@ class VAE(tf.Module):
       self.pixelcnn = pixelcnn.PixelCNNHead(
           filters=config.pixelcnn_filters, kernel_size=config.pixelcnn_kernel,
           hidden_layers=config.pixelcnn_layers,
-          logit_window=config.pixelcnn_logit_window, seed=seed * 1000 + 500, activation=act,
+          logit_window=config.pixelcnn_logit_window,
+          latent_maps=config.pixelcnn_latent_maps, seed=seed * 1000 + 500, activation=act,
           name='pixelcnn')
       self.pixelcnn.build_for(self.image_shape, d)
     if pixel_mean is not None:
@@ -317,17 +330,19 @@ class VAE(tf.Module):
   def _init_output_bias(self, pixel_mean):
     if self.config.decoder == 'autoregressive':
       bias = self.decoder.out.bias
-      pixel_mean = pixel_mean.reshape(-1)
     else:
       bias = self.decoder.get_layer('decoder_out').bias
+    c = self.image_shape[-1]
     if self.config.architecture == 'conv' and self.config.decoder != 'autoregressive':
-      pixel_mean = pixel_mean.reshape(-1, self.image_shape[-1]).mean(axis=0)
+      pixel_mean = pixel_mean.reshape(-1, c).mean(axis=0)
     else:
-      pixel_mean = pixel_mean.reshape(-1)
+      pixel_mean = pixel_mean.reshape(-1, c)
     if self.config.likelihood == 'bernoulli':
       p = np.clip(pixel_mean, 1e-3, 1 - 1e-3)
       pixel_mean = np.log(p) - np.log1p(-p)
-    bias.assign(pixel_mean.astype(np.float32))
+    # The pixelcnn head's latent maps, the last channels of the output, start at 0.
+    maps = np.zeros(pixel_mean.shape[:-1] + (self.config.pixelcnn_latent_maps,))
+    bias.assign(np.concatenate([pixel_mean, maps], axis=-1).reshape(-1).astype(np.float32))
 
   def approx_posterior(self, x):
     """q(z | x) for a batch x [B, H, W, C] (a MultivariateNormalLinearOperator)."""
@@ -364,10 +379,11 @@ class VAE(tf.Module):
     return tfd.Independent(base, reinterpreted_batch_ndims=3)
 
   def _factorized_logits(self, z):
-    """The factorized decoder's output [..., H, W, C] for z [..., d]."""
+    """The factorized decoder's output [..., H, W, C] for z [..., d] (with
+    --pixelcnn_latent_maps, C + the maps' channels, which only the head reads)."""
     lead = tf.shape(z)[:-1]
     out = self.decoder(tf.reshape(z, [-1, self.config.latent_dim]))
-    return tf.reshape(out, tf.concat([lead, self.image_shape], axis=0))
+    return tf.reshape(out, tf.concat([lead, tf.shape(out)[1:]], axis=0))
 
   @property
   def per_example_keys(self):

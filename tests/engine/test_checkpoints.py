@@ -20,11 +20,11 @@ from models import vae
 
 
 def _config(model_dir, *, latent_dim=4, batch_size=32, seed=0, learning_rate=1e-3,
-            train_steps=40, dataset='synthetic', encoder_sizes=(32,)):
+            train_steps=40, dataset='synthetic', encoder_sizes=(32,), decoder='factorized'):
   return config_lib.ExperimentConfig(
       model='vae',
       model_options=vae.VAEConfig(encoder_sizes=encoder_sizes, decoder_sizes=(32,),
-                                  latent_dim=latent_dim),
+                                  latent_dim=latent_dim, decoder=decoder),
       data=config_lib.DataConfig(dataset=dataset, synthetic_train_size=128,
                                  synthetic_test_size=32),
       train=config_lib.TrainConfig(
@@ -38,9 +38,9 @@ def _build(config, **kwargs):
   return controller.build(config, tf.distribute.get_strategy(), **kwargs)
 
 
-def _saved_dir(model_dir, step=7):
+def _saved_dir(model_dir, step=7, **config_kwargs):
   """A model dir holding config.json and one checkpoint at `step` with known weights."""
-  exp = _build(_config(model_dir))
+  exp = _build(_config(model_dir, **config_kwargs))
   exp.step.assign(step)
   kernel = exp.model.decoder.get_layer('decoder_out').kernel
   kernel.assign(tf.fill(kernel.shape, 0.25))
@@ -253,24 +253,26 @@ def test_a_bnn_run_recorded_before_posterior_scale_existed_reads_as_softplus(tmp
   assert 'posterior_scale' not in _recorded(vae_dir)['model_options']
 
 
-@pytest.mark.parametrize('field,before,other', [('decoder', 'factorized', 'autoregressive'),
-                                                 ('activation', 'relu', 'swish'),
-                                                 ('pixelcnn_kernel', 7, 5),
-                                                 ('pixelcnn_logit_window', 0, 3)])
+@pytest.mark.parametrize('field,before,other,decoder', [
+    ('decoder', 'factorized', 'autoregressive', 'factorized'),
+    ('activation', 'relu', 'swish', 'factorized'),
+    ('pixelcnn_kernel', 7, 5, 'factorized'),
+    ('pixelcnn_logit_window', 0, 3, 'pixelcnn'),
+    ('pixelcnn_latent_maps', 0, 2, 'pixelcnn')])
 def test_a_vae_run_recorded_before_a_field_existed_reads_as_its_old_value(
-    tmp_path, field, before, other):
+    tmp_path, field, before, other, decoder):
   """A config.json without model_options.decoder (or .activation) ran with the
   factorized decoder (relu): it resumes as that, and a resume with another value is
   refused."""
-  _saved_dir(tmp_path, step=7)
+  _saved_dir(tmp_path, step=7, decoder=decoder)
   recorded = _recorded(tmp_path)
   del recorded['model_options'][field]
   with open(os.path.join(tmp_path, checkpoints.CONFIG_FILE), 'w') as f:
     json.dump(recorded, f)
-  exp = _build(_config(tmp_path, train_steps=100))
+  exp = _build(_config(tmp_path, train_steps=100, decoder=decoder))
   assert int(exp.step.numpy()) == 7
   assert _recorded(tmp_path)['model_options'][field] == before
-  config = _config(tmp_path, train_steps=100)
+  config = _config(tmp_path, train_steps=100, decoder=decoder)
   config = dataclasses.replace(config, model_options=dataclasses.replace(
       config.model_options, **{field: other}))
   with pytest.raises(errors.CheckpointError, match=f"{field}={before!r}"):

@@ -11,12 +11,15 @@ import unittest.mock
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_probability as tfp
 
 from engine import config as config_lib
 from engine import controller
 from engine import errors
 from models import pixelcnn
 from models import vae
+
+tfd = tfp.distributions
 
 LATENT = 3
 SMALL = (3, 3, 1)
@@ -57,11 +60,12 @@ def test_tap_convolution_equals_a_masked_conv2d(causal):
   np.testing.assert_allclose(out.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('kernel,layers,window', [(3, 0, 0), (3, 1, 0), (5, 2, 0),
-                                                  (3, 1, 3)])
-def test_probabilities_of_all_images_sum_to_one(kernel, layers, window):
+@pytest.mark.parametrize('kernel,layers,window,maps', [(3, 0, 0, 0), (3, 1, 0, 0),
+                                                       (5, 2, 0, 0), (3, 1, 3, 0),
+                                                       (3, 1, 3, 2)])
+def test_probabilities_of_all_images_sum_to_one(kernel, layers, window, maps):
   model = _vae(seed=kernel + layers, pixelcnn_kernel=kernel, pixelcnn_layers=layers,
-               pixelcnn_logit_window=window)
+               pixelcnn_logit_window=window, pixelcnn_latent_maps=maps)
   x = tf.reshape(_all_images(SMALL), [512, 1, 1] + list(SMALL))
   z = tf.random.stateless_normal([2, 3, LATENT], seed=[4, 4])  # [K, B, d]
   log_p = model.likelihood(z).log_prob(x)  # broadcast to [512, K, B]
@@ -70,11 +74,11 @@ def test_probabilities_of_all_images_sum_to_one(kernel, layers, window):
                              np.ones([2, 3]), rtol=1e-5)
 
 
-@pytest.mark.parametrize('window', [0, 5])
-def test_a_logit_depends_on_earlier_pixels_only_and_on_some_of_them(window):
+@pytest.mark.parametrize('window,maps', [(0, 0), (5, 0), (5, 3)])
+def test_a_logit_depends_on_earlier_pixels_only_and_on_some_of_them(window, maps):
   # tanh: a random relu network may have no active unit at some pixel.
   model = _vae(image_shape=(5, 5, 1), pixelcnn_kernel=5, activation='tanh',
-               pixelcnn_logit_window=window)
+               pixelcnn_logit_window=window, pixelcnn_latent_maps=maps)
   x = tf.Variable(tf.constant(np.random.RandomState(0).randint(0, 2, (1, 5, 5, 1)),
                               tf.float32))
   z = tf.random.stateless_normal([1, LATENT], seed=[1, 2])
@@ -89,22 +93,31 @@ def test_a_logit_depends_on_earlier_pixels_only_and_on_some_of_them(window):
       assert np.any(grad[:i]), f'pixel {i} sees no earlier pixel'
 
 
-def test_untrained_decoder_equals_the_factorized_one():
+@pytest.mark.parametrize('maps', [0, 2])
+def test_untrained_decoder_equals_the_factorized_one(maps):
+  """The head's output layer starts at zero: p(x | z) is the Bernoulli of the
+  factorized logits (the first output channel), and the same as a factorized VAE's
+  when there are no latent maps (same initial weights)."""
   x = tf.constant(np.random.RandomState(1).randint(0, 2, (4,) + SMALL), tf.float32)
   z = tf.random.stateless_normal([4, LATENT], seed=[2, 2])
-  ar = _vae(randomize=False)
-  factorized = vae.VAE(vae.VAEConfig(encoder_sizes=(16,), decoder_sizes=(16,),
-                                     latent_dim=LATENT), image_shape=SMALL, seed=0)
+  ar = _vae(randomize=False, pixelcnn_latent_maps=maps)
+  own = tfd.Independent(tfd.Bernoulli(logits=ar._factorized_logits(z)[..., :1]), 3)
   np.testing.assert_allclose(ar.likelihood(z).log_prob(x).numpy(),
-                             factorized.likelihood(z).log_prob(x).numpy(), rtol=1e-6)
-  ar_trained = _vae()
+                             own.log_prob(x).numpy(), rtol=1e-6)
+  if not maps:
+    factorized = vae.VAE(vae.VAEConfig(encoder_sizes=(16,), decoder_sizes=(16,),
+                                       latent_dim=LATENT), image_shape=SMALL, seed=0)
+    np.testing.assert_allclose(ar.likelihood(z).log_prob(x).numpy(),
+                               factorized.likelihood(z).log_prob(x).numpy(), rtol=1e-6)
+  ar_trained = _vae(pixelcnn_latent_maps=maps)
+  own = tfd.Independent(tfd.Bernoulli(logits=ar_trained._factorized_logits(z)[..., :1]), 3)
   assert not np.allclose(ar_trained.likelihood(z).log_prob(x).numpy(),
-                         factorized.likelihood(z).log_prob(x).numpy())
+                         own.log_prob(x).numpy())
 
 
-@pytest.mark.parametrize('window', [0, 3])
-def test_generated_probabilities_are_the_conditionals_of_the_drawn_image(window):
-  model = _vae(pixelcnn_logit_window=window)
+@pytest.mark.parametrize('window,maps', [(0, 0), (3, 0), (3, 2)])
+def test_generated_probabilities_are_the_conditionals_of_the_drawn_image(window, maps):
+  model = _vae(pixelcnn_logit_window=window, pixelcnn_latent_maps=maps)
   z = tf.random.stateless_normal([6, LATENT], seed=[3, 1])
   a = model._factorized_logits(z)
   x, probs = model.pixelcnn.generate(a, z, tf.constant([5, 5], tf.int32))
@@ -128,6 +141,23 @@ def test_the_logit_window_reads_the_neighbours_predicted_probabilities():
       centre = tf.reshape(model.pixelcnn.logits(model.pixelcnn.context(x), a, z), [-1])[12]
     grad = tf.reshape(tape.gradient(centre, a), [-1]).numpy()
     assert set(np.flatnonzero(grad)) == expected
+
+
+def test_the_latent_maps_enter_at_their_own_pixel():
+  """With C latent maps, pixel i's logit depends on its own C map values (and its own
+  factorized logit), on no other pixel's; the factorized output has 1 + C channels."""
+  z = tf.random.stateless_normal([1, LATENT], seed=[1, 2])
+  x = tf.constant(np.random.RandomState(0).randint(0, 2, (1, 5, 5, 1)), tf.float32)
+  model = _vae(image_shape=(5, 5, 1), pixelcnn_kernel=3, activation='tanh',
+               pixelcnn_latent_maps=2)
+  a = tf.Variable(model._factorized_logits(z))
+  assert a.shape == (1, 5, 5, 3)
+  with tf.GradientTape() as tape:
+    logits = model.pixelcnn.logits(model.pixelcnn.context(x), a, z)
+    centre = tf.reshape(logits, [-1])[12]
+  assert logits.shape == (1, 5, 5, 1)
+  grad = tape.gradient(centre, a).numpy()
+  assert set(zip(*np.nonzero(grad[0]))) == {(2, 2, 0), (2, 2, 1), (2, 2, 2)}
 
 
 # Both pixel-ordered decoders inside the VAE (the MADE's own tests: test_made.py).
@@ -185,13 +215,31 @@ def test_conv_vae_with_pixelcnn_decoder():
   assert loss.shape == (2,) and np.all(np.isfinite(loss.numpy()))
 
 
-def test_pixel_mean_sets_the_factorized_output_bias():
-  mean = np.full(SMALL, 0.25, np.float32)
+@pytest.mark.parametrize('architecture', ['mlp', 'conv'])
+def test_pixel_mean_sets_the_logits_bias_and_the_latent_maps_start_at_zero(architecture):
+  shape = (4, 4, 1)
+  mean = np.random.RandomState(0).uniform(0.1, 0.9, shape).astype(np.float32)
   model = vae.VAE(vae.VAEConfig(encoder_sizes=(16,), decoder_sizes=(16,),
-                                latent_dim=LATENT, decoder='pixelcnn'),
-                  image_shape=SMALL, pixel_mean=mean, seed=0)
-  np.testing.assert_allclose(model.decoder.get_layer('decoder_out').bias.numpy(),
-                             np.log(0.25 / 0.75), rtol=1e-5)
+                                latent_dim=LATENT, decoder='pixelcnn',
+                                architecture=architecture, conv_filters=(2, 2),
+                                pixelcnn_latent_maps=2),
+                  image_shape=shape, pixel_mean=mean, seed=0)
+  bias = model.decoder.get_layer('decoder_out').bias.numpy()
+  logit = np.log(mean / (1 - mean))
+  if architecture == 'mlp':  # one bias per pixel and channel, channels last
+    bias = bias.reshape(4, 4, 3)
+    np.testing.assert_allclose(bias[..., 0], logit[..., 0], rtol=1e-5)
+  else:  # the deconvolution has one bias per channel: the logit of the mean pixel
+    np.testing.assert_allclose(bias[0], np.log(mean.mean() / (1 - mean.mean())), rtol=1e-5)
+  assert not np.any(bias[..., 1:])
+  # The factorized output's first channel is the logits: at z's zero contribution
+  # (all decoder weights zero) it is the bias.
+  for w in model.decoder.trainable_variables:
+    if 'kernel' in w.name:
+      w.assign(tf.zeros_like(w))
+  out = model._factorized_logits(tf.zeros([2, LATENT]))
+  assert out.shape == (2, 4, 4, 3)
+  assert not np.any(out.numpy()[..., 1:])
 
 
 @pytest.mark.parametrize('overrides,flag', [
@@ -203,10 +251,14 @@ def test_pixel_mean_sets_the_factorized_output_bias():
     (dict(pixelcnn_logit_window=2), '--pixelcnn_logit_window'),
     (dict(pixelcnn_logit_window=1), '--pixelcnn_logit_window'),
     (dict(pixelcnn_logit_window=-3), '--pixelcnn_logit_window'),
+    (dict(pixelcnn_latent_maps=-1), '--pixelcnn_latent_maps'),
+    (dict(pixelcnn_latent_maps=1.5), '--pixelcnn_latent_maps'),
+    (dict(decoder='factorized', pixelcnn_latent_maps=2), '--pixelcnn_latent_maps=2'),
+    (dict(decoder='autoregressive', pixelcnn_logit_window=5), '--pixelcnn_logit_window=5'),
 ])
 def test_config_errors_name_the_flag(overrides, flag):
   with pytest.raises(errors.ConfigError, match=flag):
-    vae.VAEConfig(decoder='pixelcnn', **overrides)
+    vae.VAEConfig(**{'decoder': 'pixelcnn', **overrides})
 
 
 def test_colour_images_are_refused():
@@ -216,12 +268,13 @@ def test_colour_images_are_refused():
 
 
 def test_engine_trains_the_pixelcnn_vae_under_xla(tmp_path):
-  """The engine's compiled loop trains it, and the test figures are finite with the
+  """The engine's compiled loop trains it (with latent maps), and the test figures are finite with the
   log-likelihood estimate above the ELBO."""
   config = config_lib.ExperimentConfig(
       model='vae',
       model_options=vae.VAEConfig(encoder_sizes=(32,), decoder_sizes=(32,), latent_dim=4,
-                                  decoder='pixelcnn', pixelcnn_filters=4, pixelcnn_kernel=5),
+                                  decoder='pixelcnn', pixelcnn_filters=4, pixelcnn_kernel=5,
+                                  pixelcnn_latent_maps=2),
       data=config_lib.DataConfig(dataset='synthetic', synthetic_train_size=128,
                                  synthetic_test_size=32),
       train=config_lib.TrainConfig(
