@@ -76,6 +76,10 @@ def define_flags():
   flags.DEFINE_integer('pixelcnn_latent_maps', 0,
                        "C >= 0 more numbers per pixel that the factorized decoder computes "
                        "from z for the pixelcnn decoder's head, beside its logits (0: none).")
+  flags.DEFINE_float('decoder_dropout', 0.0,
+                     "VAE: rate in [0, 1) of dropout on the factorized decoder's hidden "
+                     "layers in training (not its output layer; evaluation, "
+                     "reconstructions and samples use the whole network; 0: none).")
   flags.DEFINE_float('likelihood_scale', 0.0, 'Gaussian likelihood std (>= 0; 0 learns it).')
   flags.DEFINE_string('objective', 'elbo', 'elbo | iwae.')
   flags.DEFINE_integer('num_iw_samples', 1, 'Samples per example for --objective=iwae (> 0).')

@@ -5,6 +5,7 @@ The model only builds distributions and per-example loss terms; the engine reduc
 them over the global batch (`engine.objectives.replica_loss`).
 """
 import dataclasses
+import functools
 import math
 from typing import Tuple
 
@@ -62,6 +63,9 @@ class VAEConfig:
       also reads (0: only the pixel's own logit).
     pixelcnn_latent_maps: C >= 0 more numbers per pixel that the factorized
       decoder computes from z for the pixelcnn head, beside its logits (0: none).
+    decoder_dropout: rate in [0, 1) of inverted dropout on the factorized
+      decoder's hidden layers (not its output layer), in training only; the
+      evaluation, reconstructions and samples use the whole network (0: none).
     likelihood_scale: fixed std of the Gaussian likelihood; 0 learns it.
     objective: 'elbo' or 'iwae'.
     num_iw_samples: samples per example for the IWAE objective.
@@ -88,6 +92,7 @@ class VAEConfig:
   pixelcnn_layers: int = 1
   pixelcnn_logit_window: int = 0
   pixelcnn_latent_maps: int = 0
+  decoder_dropout: float = 0.0
   likelihood_scale: float = 0.0
   objective: str = 'elbo'
   num_iw_samples: int = 1
@@ -138,6 +143,17 @@ class VAEConfig:
             f'--{name}={getattr(self, name)} feeds the pixelcnn decoder; '
             f'--decoder={self.decoder} has no use for it. Use --decoder=pixelcnn, or '
             f'--{name}=0.')
+    rate = self.decoder_dropout
+    if (not isinstance(rate, (int, float)) or isinstance(rate, bool)
+        or not 0.0 <= rate < 1.0):
+      raise errors.ConfigError(
+          f'--decoder_dropout={self.decoder_dropout!r}: must be a rate in [0, 1), e.g. 0.1 '
+          f'(0: no dropout).')
+    if self.decoder_dropout and self.decoder == 'autoregressive':
+      raise errors.ConfigError(
+          f'--decoder_dropout={self.decoder_dropout} acts on the factorized decoder\'s '
+          f'hidden layers; --decoder=autoregressive (the MADE) has none. Use '
+          f'--decoder_dropout=0, or --decoder=factorized or pixelcnn.')
     if self.pixelcnn_logit_window != 0:
       _check_window('pixelcnn_logit_window', self.pixelcnn_logit_window, 5, zero_is_off=True)
     if self.likelihood_scale < 0:
@@ -363,11 +379,15 @@ class VAE(tf.Module):
     """Reparameterized z = loc + scale @ eps for standard-normal eps [..., B, d]."""
     return q.loc + q.scale.matvec(eps)
 
-  def likelihood(self, z):
-    """p(x | z) for z [..., d]; batch shape = z's leading dims, event = one image."""
+  def likelihood(self, z, dropout_noise=None):
+    """p(x | z) for z [..., d]; batch shape = z's leading dims, event = one image.
+
+    With `dropout_noise` (an `engine.sampling.Noise`; training only) and
+    --decoder_dropout, the factorized decoder's hidden layers are dropped out.
+    """
     if self.config.decoder == 'autoregressive':
       return _AutoregressiveLikelihood(self.decoder, z, self.image_shape)
-    out = self._factorized_logits(z)
+    out = self._factorized_logits(z, dropout_noise)
     if self.pixelcnn is not None:
       return _PixelCNNLikelihood(self.pixelcnn, out, z)
     if self.config.likelihood == 'bernoulli':
@@ -378,11 +398,16 @@ class VAE(tf.Module):
       base = tfd.Normal(loc=out, scale=scale)
     return tfd.Independent(base, reinterpreted_batch_ndims=3)
 
-  def _factorized_logits(self, z):
+  def _factorized_logits(self, z, dropout_noise=None):
     """The factorized decoder's output [..., H, W, C] for z [..., d] (with
     --pixelcnn_latent_maps, C + the maps' channels, which only the head reads)."""
     lead = tf.shape(z)[:-1]
-    out = self.decoder(tf.reshape(z, [-1, self.config.latent_dim]))
+    flat = tf.reshape(z, [-1, self.config.latent_dim])
+    if dropout_noise is None or not self.config.decoder_dropout:
+      out = self.decoder(flat)
+    else:
+      out = _with_hidden_dropout(self.decoder, flat, z.shape.rank - 1, lead,
+                                 self.config.decoder_dropout, dropout_noise)
     return tf.reshape(out, tf.concat([lead, tf.shape(out)[1:]], axis=0))
 
   @property
@@ -432,11 +457,14 @@ class VAE(tf.Module):
     cfg = self.config
     noise = noise if noise is not None else sampling.Noise(seed)
     post_noise, iw_noise = noise.split(2)
+    # Its own stream, drawn only with dropout: runs without it keep their noise.
+    likelihood = functools.partial(
+        self.likelihood, dropout_noise=noise.fold(0xD0) if cfg.decoder_dropout else None)
     q = self.approx_posterior(x)
     batch = tf.shape(x)[0]
     d = cfg.latent_dim
     z = self.posterior_sample(q, post_noise.normal([batch, d]))
-    distortion = objectives.distortion(self.likelihood(z), x)
+    distortion = objectives.distortion(likelihood(z), x)
     regularization = tf.constant(0.0)
     prior = self.prior_distribution()
     if cfg.kl != 'regularizer':
@@ -451,7 +479,7 @@ class VAE(tf.Module):
     if cfg.objective == 'iwae':
       zk = self.posterior_sample(
           q, iw_noise.normal([cfg.num_iw_samples, batch, d], batch_axis=1))
-      log_w = objectives.log_importance_weights(q, prior, self.likelihood, x, zk)
+      log_w = objectives.log_importance_weights(q, prior, likelihood, x, zk)
       iwae = objectives.iwae_bound(log_w)
       measurements['iwae'] = iwae
       return -iwae, tf.constant(0.0), measurements
@@ -524,6 +552,24 @@ def bounded_chunk(num_samples, chunk_size, floats_per_sample, budget=None):
   while num_samples % chunk:
     chunk -= 1
   return chunk
+
+
+def _with_hidden_dropout(decoder, flat_z, lead_rank, lead, rate, noise):
+  """Runs the factorized decoder on flat_z [N, d] (N = the product of `lead`, the
+  leading dims of z, whose last is the batch) with inverted dropout after every
+  hidden layer, and none after the output layer. Masks are per example and drawn
+  for the global batch, so they do not depend on how it is split over replicas."""
+  lead = [lead[i] for i in range(lead_rank)]
+  h = flat_z
+  for layer in decoder.layers:
+    h = layer(h)
+    if layer.name == 'decoder_out' or not isinstance(
+        layer, (tf_keras.layers.Dense, tf_keras.layers.Conv2DTranspose)):
+      continue
+    u = noise.uniform(lead + h.shape.as_list()[1:], batch_axis=lead_rank - 1)
+    keep = tf.reshape(u, tf.shape(h)) >= rate
+    h = tf.where(keep, h / tf.cast(1.0 - rate, h.dtype), tf.zeros_like(h))
+  return h
 
 
 def _default_pseudo_inputs(num, image_shape, pixel_mean, seed):

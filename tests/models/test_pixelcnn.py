@@ -268,13 +268,13 @@ def test_colour_images_are_refused():
 
 
 def test_engine_trains_the_pixelcnn_vae_under_xla(tmp_path):
-  """The engine's compiled loop trains it (with latent maps), and the test figures are finite with the
-  log-likelihood estimate above the ELBO."""
+  """The engine's compiled loop trains it (with latent maps and decoder dropout), and
+  the test figures are finite with the log-likelihood estimate above the ELBO."""
   config = config_lib.ExperimentConfig(
       model='vae',
       model_options=vae.VAEConfig(encoder_sizes=(32,), decoder_sizes=(32,), latent_dim=4,
                                   decoder='pixelcnn', pixelcnn_filters=4, pixelcnn_kernel=5,
-                                  pixelcnn_latent_maps=2),
+                                  pixelcnn_latent_maps=2, decoder_dropout=0.1),
       data=config_lib.DataConfig(dataset='synthetic', synthetic_train_size=128,
                                  synthetic_test_size=32),
       train=config_lib.TrainConfig(
