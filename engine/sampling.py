@@ -72,6 +72,13 @@ def uniform(shape, seed):
   return (m + 0.5) * 2.0 ** -23
 
 
+def inverted_dropout(h, rate, uniform_draws):
+  """Dropout of h's units whose draw (uniform on (0, 1), h's shape) is below `rate`;
+  the others are scaled by 1 / (1 - rate), so the expectation over draws is h."""
+  keep = uniform_draws >= rate
+  return tf.where(keep, h / tf.cast(1.0 - rate, h.dtype), tf.zeros_like(h))
+
+
 # Single-precision erfinv of M. Giles, "Approximating the erfinv function" (GPU
 # Computing Gems, 2011): with w = -log(1 - x^2), erfinv(x) = x p(w), p a degree-8
 # polynomial in w - 2.5 for w < 5 (|x| < 0.99663) and in sqrt(w) - 3 beyond.

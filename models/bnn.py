@@ -44,6 +44,7 @@ from engine import inputs
 from engine import metrics as metrics_lib
 from engine import objectives
 from engine import plots
+from engine import sampling
 from engine import tasks
 from models import variational
 
@@ -362,8 +363,7 @@ def _dropout(h, rate, noise):
   if rate == 0.0:
     return h
   shape = [tf.shape(h)[0]] + h.shape.as_list()[1:]
-  keep = noise.uniform(shape) >= rate
-  return tf.where(keep, h / tf.cast(1.0 - rate, h.dtype), tf.zeros_like(h))
+  return sampling.inverted_dropout(h, rate, noise.uniform(shape))
 
 
 # ----------------------------------------------------------------------- hooks

@@ -567,8 +567,7 @@ def _with_hidden_dropout(decoder, flat_z, lead_rank, lead, rate, noise):
         layer, (tf_keras.layers.Dense, tf_keras.layers.Conv2DTranspose)):
       continue
     u = noise.uniform(lead + h.shape.as_list()[1:], batch_axis=lead_rank - 1)
-    keep = tf.reshape(u, tf.shape(h)) >= rate
-    h = tf.where(keep, h / tf.cast(1.0 - rate, h.dtype), tf.zeros_like(h))
+    h = sampling.inverted_dropout(h, rate, tf.reshape(u, tf.shape(h)))
   return h
 
 
