@@ -147,11 +147,11 @@ class VAEConfig:
     if (not isinstance(rate, (int, float)) or isinstance(rate, bool)
         or not 0.0 <= rate < 1.0):
       raise errors.ConfigError(
-          f'--decoder_dropout={self.decoder_dropout!r}: must be a rate in [0, 1), e.g. 0.1 '
+          f'--decoder_dropout={rate!r}: must be a rate in [0, 1), e.g. 0.1 '
           f'(0: no dropout).')
-    if self.decoder_dropout and self.decoder == 'autoregressive':
+    if rate and self.decoder == 'autoregressive':
       raise errors.ConfigError(
-          f'--decoder_dropout={self.decoder_dropout} acts on the factorized decoder\'s '
+          f'--decoder_dropout={rate} acts on the factorized decoder\'s '
           f'hidden layers; --decoder=autoregressive (the MADE) has none. Use '
           f'--decoder_dropout=0, or --decoder=factorized or pixelcnn.')
     if self.pixelcnn_logit_window != 0:
@@ -401,14 +401,13 @@ class VAE(tf.Module):
   def _factorized_logits(self, z, dropout_noise=None):
     """The factorized decoder's output [..., H, W, C] for z [..., d] (with
     --pixelcnn_latent_maps, C + the maps' channels, which only the head reads)."""
-    lead = tf.shape(z)[:-1]
     flat = tf.reshape(z, [-1, self.config.latent_dim])
     if dropout_noise is None or not self.config.decoder_dropout:
       out = self.decoder(flat)
     else:
-      out = _with_hidden_dropout(self.decoder, flat, z.shape.rank - 1, lead,
-                                 self.config.decoder_dropout, dropout_noise)
-    return tf.reshape(out, tf.concat([lead, tf.shape(out)[1:]], axis=0))
+      out = _with_hidden_dropout(self.decoder, flat, z, self.config.decoder_dropout,
+                                 dropout_noise)
+    return tf.reshape(out, tf.concat([tf.shape(z)[:-1], tf.shape(out)[1:]], axis=0))
 
   @property
   def per_example_keys(self):
@@ -554,12 +553,13 @@ def bounded_chunk(num_samples, chunk_size, floats_per_sample, budget=None):
   return chunk
 
 
-def _with_hidden_dropout(decoder, flat_z, lead_rank, lead, rate, noise):
-  """Runs the factorized decoder on flat_z [N, d] (N = the product of `lead`, the
-  leading dims of z, whose last is the batch) with inverted dropout after every
-  hidden layer, and none after the output layer. Masks are per example and drawn
-  for the global batch, so they do not depend on how it is split over replicas."""
-  lead = [lead[i] for i in range(lead_rank)]
+def _with_hidden_dropout(decoder, flat_z, z, rate, noise):
+  """Runs the factorized decoder on flat_z [N, d], z [..., B, d] flattened, with
+  inverted dropout after every hidden layer, and none after the output layer. Masks
+  are per example and drawn for the global batch, so they do not depend on how it is
+  split over replicas."""
+  lead_rank = z.shape.rank - 1
+  lead = [tf.shape(z)[i] for i in range(lead_rank)]
   h = flat_z
   for layer in decoder.layers:
     h = layer(h)
