@@ -29,18 +29,71 @@ def analytic_rate(approx_posterior, latent_prior):
   return tfd.kl_divergence(approx_posterior, latent_prior)
 
 
-def monte_carlo_rate(approx_posterior, latent_prior, z):
+def _is_location_scale_normal(distribution):
+  """A `tfd.MultivariateNormalLinearOperator`, also when a tfp.layers layer returned
+  it wrapped (its `tensor_distribution`)."""
+  inner = getattr(distribution, 'tensor_distribution', distribution)
+  return isinstance(inner, tfd.MultivariateNormalLinearOperator)
+
+
+def reparameterized_log_prob(approx_posterior, eps):
+  """log q(z) at the reparameterized sample z = loc + scale @ eps, from eps.
+
+  For a location-scale normal q (`tfd.MultivariateNormalLinearOperator`: the diagonal
+  and the full-covariance posteriors) log q(z) = log N(eps; 0, I) - log|det scale|.
+  This equals `q.log_prob(z)` in exact arithmetic, but `log_prob` recovers eps by
+  solving scale^-1 (z - loc), and in float32 that solve's error grows with the
+  condition number of a lower-triangular scale: a full-covariance posterior with a
+  small diagonal and large off-diagonal entries returns log q(z) millions of nats too
+  low for its own sample, which makes a Monte-Carlo rate or an importance weight
+  explode.
+
+  Args:
+    approx_posterior: q(z | x), batch shape [B], event [d].
+    eps: [..., B, d] standard-normal draws that made z.
+
+  Returns:
+    [..., B].
+  """
+  if not _is_location_scale_normal(approx_posterior):
+    raise TypeError(f'reparameterized_log_prob needs a location-scale normal q(z|x), '
+                    f'got {type(approx_posterior).__name__}.')
+  d = tf.cast(tf.shape(eps)[-1], eps.dtype)
+  standard = -0.5 * tf.reduce_sum(tf.square(eps), axis=-1) - 0.5 * d * math.log(2 * math.pi)
+  return standard - approx_posterior.scale.log_abs_determinant()
+
+
+def sample_with_log_prob(approx_posterior, num, seed):
+  """`num` draws z ~ q [num, B, d] and log q(z) [num, B] (stateless `seed`).
+
+  A location-scale normal q is sampled as loc + scale @ eps and scored from eps
+  (`reparameterized_log_prob`); any other q by its own `sample` and `log_prob`.
+  """
+  if _is_location_scale_normal(approx_posterior):
+    loc = approx_posterior.loc
+    eps = tf.random.stateless_normal(tf.concat([[num], tf.shape(loc)], axis=0), seed=seed,
+                                     dtype=loc.dtype)
+    return (loc + approx_posterior.scale.matvec(eps),
+            reparameterized_log_prob(approx_posterior, eps))
+  z = approx_posterior.sample(num, seed=seed)
+  return z, approx_posterior.log_prob(z)
+
+
+def monte_carlo_rate(approx_posterior, latent_prior, z, log_q=None):
   """Single- or multi-sample estimate of KL(q || p) per example.
 
   Args:
     approx_posterior: q(z | x), batch shape [B].
     latent_prior: p(z), broadcastable against q.
     z: samples from q, shape [B, d] or [S, B, d]; a leading sample axis is averaged.
+    log_q: optional log q(z) of the same shape as z without its last axis (e.g. from
+      `reparameterized_log_prob`); default `approx_posterior.log_prob(z)`.
 
   Returns:
     [B] tensor; unbiased for the analytic KL when z ~ q.
   """
-  log_ratio = approx_posterior.log_prob(z) - latent_prior.log_prob(z)
+  log_q = approx_posterior.log_prob(z) if log_q is None else log_q
+  log_ratio = log_q - latent_prior.log_prob(z)
   if log_ratio.shape.rank == 2:
     log_ratio = tf.reduce_mean(log_ratio, axis=0)
   return log_ratio
@@ -51,10 +104,11 @@ def negative_elbo(distortion_, rate, kl_weight=1.0):
   return distortion_ + tf.cast(kl_weight, rate.dtype) * rate
 
 
-def log_importance_weights(approx_posterior, latent_prior, likelihood_fn, x, z):
-  """log p(x, z) - log q(z | x) for samples z of shape [K, B, d]; returns [K, B]."""
-  return (likelihood_fn(z).log_prob(x) + latent_prior.log_prob(z)
-          - approx_posterior.log_prob(z))
+def log_importance_weights(approx_posterior, latent_prior, likelihood_fn, x, z, log_q=None):
+  """log p(x, z) - log q(z | x) for samples z of shape [K, B, d]; returns [K, B].
+  `log_q`: optional log q(z) [K, B] (default `approx_posterior.log_prob(z)`)."""
+  log_q = approx_posterior.log_prob(z) if log_q is None else log_q
+  return likelihood_fn(z).log_prob(x) + latent_prior.log_prob(z) - log_q
 
 
 def iwae_bound(log_weights):
@@ -96,9 +150,10 @@ def iw_log_likelihood(approx_posterior, latent_prior, likelihood_fn, x, *,
   log_weights = tf.TensorArray(approx_posterior.dtype, size=num_chunks)
   for i in tf.range(num_chunks):
     chunk_seed = tf.random.experimental.stateless_fold_in(seed, i, alg='philox')
-    z = approx_posterior.sample(chunk_size, seed=chunk_seed)
+    z, log_q = sample_with_log_prob(approx_posterior, chunk_size, chunk_seed)
     log_weights = log_weights.write(
-        i, log_importance_weights(approx_posterior, latent_prior, likelihood_fn, x, z))
+        i, log_importance_weights(approx_posterior, latent_prior, likelihood_fn, x, z,
+                                  log_q=log_q))
   stacked = log_weights.concat()  # [num_samples, B]
   return iwae_bound(stacked)
 

@@ -368,10 +368,12 @@ class VAE(tf.Module):
     """p(z) as a distribution, built from the prior's current variables."""
     return self.prior(self.encoder)
 
-  def rate(self, q, prior, z):
-    """KL(q || p) per example: analytic, or a Monte-Carlo estimate from z ~ q."""
+  def rate(self, q, prior, z, eps):
+    """KL(q || p) per example: analytic, or a Monte-Carlo estimate from
+    z = loc + scale @ eps ~ q (log q(z) from eps: `objectives.reparameterized_log_prob`)."""
     if self.config.kl == 'monte_carlo':
-      return objectives.monte_carlo_rate(q, prior, z)
+      return objectives.monte_carlo_rate(
+          q, prior, z, log_q=objectives.reparameterized_log_prob(q, eps))
     return objectives.analytic_rate(q, prior)
 
   @staticmethod
@@ -462,12 +464,13 @@ class VAE(tf.Module):
     q = self.approx_posterior(x)
     batch = tf.shape(x)[0]
     d = cfg.latent_dim
-    z = self.posterior_sample(q, post_noise.normal([batch, d]))
+    eps = post_noise.normal([batch, d])
+    z = self.posterior_sample(q, eps)
     distortion = objectives.distortion(likelihood(z), x)
     regularization = tf.constant(0.0)
     prior = self.prior_distribution()
     if cfg.kl != 'regularizer':
-      rate = self.rate(q, prior, z)
+      rate = self.rate(q, prior, z, eps)
     else:
       # The regularizer already averaged the KL over this replica's batch; the rate
       # per example is only for measurement.
@@ -476,9 +479,10 @@ class VAE(tf.Module):
     measurements = {'distortion': distortion, 'rate': rate,
                     'elbo': -(distortion + rate)}
     if cfg.objective == 'iwae':
-      zk = self.posterior_sample(
-          q, iw_noise.normal([cfg.num_iw_samples, batch, d], batch_axis=1))
-      log_w = objectives.log_importance_weights(q, prior, likelihood, x, zk)
+      eps_k = iw_noise.normal([cfg.num_iw_samples, batch, d], batch_axis=1)
+      log_w = objectives.log_importance_weights(
+          q, prior, likelihood, x, self.posterior_sample(q, eps_k),
+          log_q=objectives.reparameterized_log_prob(q, eps_k))
       iwae = objectives.iwae_bound(log_w)
       measurements['iwae'] = iwae
       return -iwae, tf.constant(0.0), measurements
@@ -490,13 +494,15 @@ class VAE(tf.Module):
     """Per-example test figures: elbo, rate, distortion and (if iw_samples) log p(x)."""
     post_seed, iw_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     q = self.approx_posterior(x)
-    z = self.posterior_sample(q, tf.random.stateless_normal(tf.shape(q.loc), seed=post_seed))
+    eps = tf.random.stateless_normal(tf.shape(q.loc), seed=post_seed)
+    z = self.posterior_sample(q, eps)
     distortion = objectives.distortion(self.likelihood(z), x)
     prior = self.prior_distribution()
     # Exact where it exists (the standard normal, whatever the training estimator);
     # a learned prior's rate is estimated from the same z.
     rate = (objectives.analytic_rate(q, prior) if self.config.latent_prior == 'normal'
-            else objectives.monte_carlo_rate(q, prior, z))
+            else objectives.monte_carlo_rate(
+                q, prior, z, log_q=objectives.reparameterized_log_prob(q, eps)))
     out = {'distortion': distortion, 'rate': rate, 'elbo': -(distortion + rate)}
     if iw_samples:
       chunk = min(iw_chunk_size, iw_samples)

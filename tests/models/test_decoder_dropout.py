@@ -118,10 +118,11 @@ def test_training_loss_uses_dropout_and_a_rate_of_zero_keeps_the_old_noise(objec
   # noise comes from the same streams as before the option existed.
   post_noise, iw_noise = sampling.Noise(seed).split(2)
   q = whole.approx_posterior(x)
-  z = whole.posterior_sample(q, post_noise.normal([6, LATENT]))
+  eps = post_noise.normal([6, LATENT])
+  z = whole.posterior_sample(q, eps)
   distortion = -whole.likelihood(z).log_prob(x).numpy()
   if objective == 'elbo':
-    rate = whole.rate(q, whole.prior_distribution(), z).numpy()
+    rate = whole.rate(q, whole.prior_distribution(), z, eps).numpy()
     np.testing.assert_allclose(loss_w, distortion + rate, rtol=1e-6)
   else:
     terms = whole.loss_terms(x, kl_weight=1.0, seed=seed)[2]
