@@ -76,6 +76,11 @@ def define_flags():
   flags.DEFINE_integer('pixelcnn_latent_maps', 0,
                        "C >= 0 more numbers per pixel that the factorized decoder computes "
                        "from z for the pixelcnn decoder's head, beside its logits (0: none).")
+  flags.DEFINE_integer('pixelcnn_maps_rank', 0,
+                       "0, or r > 0: the MLP decoder computes the latent maps from r "
+                       "numbers per image (a linear layer of r units), which costs "
+                       "r * (hidden + H * W * C) multiply-adds instead of "
+                       "hidden * H * W * C (0: directly from the last hidden layer).")
   flags.DEFINE_float('decoder_dropout', 0.0,
                      "VAE: rate in [0, 1) of dropout on the factorized decoder's hidden "
                      "layers in training (not its output layer; evaluation, "

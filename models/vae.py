@@ -63,6 +63,10 @@ class VAEConfig:
       also reads (0: only the pixel's own logit).
     pixelcnn_latent_maps: C >= 0 more numbers per pixel that the factorized
       decoder computes from z for the pixelcnn head, beside its logits (0: none).
+    pixelcnn_maps_rank: 0, or r > 0: the MLP decoder computes the latent maps of an
+      image from r numbers (a linear layer of r units after its last hidden layer),
+      so that part of its output layer costs r * (hidden + H * W * C) rather than
+      hidden * H * W * C multiply-adds (0: the output layer computes them directly).
     decoder_dropout: rate in [0, 1) of inverted dropout on the factorized
       decoder's hidden layers (not its output layer), in training only; the
       evaluation, reconstructions and samples use the whole network (0: none).
@@ -92,6 +96,7 @@ class VAEConfig:
   pixelcnn_layers: int = 1
   pixelcnn_logit_window: int = 0
   pixelcnn_latent_maps: int = 0
+  pixelcnn_maps_rank: int = 0
   decoder_dropout: float = 0.0
   likelihood_scale: float = 0.0
   objective: str = 'elbo'
@@ -133,7 +138,7 @@ class VAEConfig:
       raise errors.ConfigError(
           f'--kl_warmup_steps={self.kl_warmup_steps!r}: must be an integer >= 0.')
     _check_window('pixelcnn_kernel', self.pixelcnn_kernel, 7)
-    for name in ('pixelcnn_layers', 'pixelcnn_latent_maps'):
+    for name in ('pixelcnn_layers', 'pixelcnn_latent_maps', 'pixelcnn_maps_rank'):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise errors.ConfigError(f'--{name}={value!r}: must be an integer >= 0.')
@@ -143,6 +148,16 @@ class VAEConfig:
             f'--{name}={getattr(self, name)} feeds the pixelcnn decoder; '
             f'--decoder={self.decoder} has no use for it. Use --decoder=pixelcnn, or '
             f'--{name}=0.')
+    if self.pixelcnn_maps_rank and not self.pixelcnn_latent_maps:
+      raise errors.ConfigError(
+          f'--pixelcnn_maps_rank={self.pixelcnn_maps_rank} sets the rank of the latent '
+          f'maps; --pixelcnn_latent_maps=0 asks for none. Give --pixelcnn_latent_maps=C '
+          f'(e.g. 8), or --pixelcnn_maps_rank=0.')
+    if self.pixelcnn_maps_rank and self.architecture != 'mlp':
+      raise errors.ConfigError(
+          f'--pixelcnn_maps_rank={self.pixelcnn_maps_rank} factors the MLP decoder\'s '
+          f'output layer; --architecture={self.architecture} computes the maps with a '
+          f'transposed convolution. Use --architecture=mlp, or --pixelcnn_maps_rank=0.')
     rate = self.decoder_dropout
     if (not isinstance(rate, (int, float)) or isinstance(rate, bool)
         or not 0.0 <= rate < 1.0):
@@ -283,9 +298,14 @@ class VAE(tf.Module):
              + _mlp(config.encoder_sizes, 'encoder', seed * 1000, act))
       dec = _mlp(config.decoder_sizes, 'decoder', seed * 1000 + 100, act)
       out_init = init(200)
-      dec_out = [tf_keras.layers.Dense(h * w * out_channels, kernel_initializer=out_init,
-                                       name='decoder_out', dtype='float32'),
-                 tf_keras.layers.Reshape((h, w, out_channels), dtype='float32')]
+      if config.pixelcnn_maps_rank:
+        out = _LowRankMapsOutput(h * w, c, config.pixelcnn_latent_maps,
+                                 config.pixelcnn_maps_rank, seed=seed * 1000 + 200,
+                                 name='decoder_out', dtype='float32')
+      else:
+        out = tf_keras.layers.Dense(h * w * out_channels, kernel_initializer=out_init,
+                                    name='decoder_out', dtype='float32')
+      dec_out = [out, tf_keras.layers.Reshape((h, w, out_channels), dtype='float32')]
     else:
       f1, f2 = config.conv_filters
       if h % 4 or w % 4:
@@ -557,6 +577,39 @@ def bounded_chunk(num_samples, chunk_size, floats_per_sample, budget=None):
   while num_samples % chunk:
     chunk -= 1
   return chunk
+
+
+class _LowRankMapsOutput(tf_keras.layers.Layer):
+  """The MLP decoder's output layer when the latent maps have rank r: per pixel,
+  its `channels` logits as a dense layer computes them, then its `maps` latent maps
+  from r numbers per image, (h D) U with D [hidden, r] and U [r, pixels * maps].
+  The output [N, pixels * (channels + maps)] is laid out as the plain dense output
+  layer's (pixel-major), with one bias over all of it."""
+
+  def __init__(self, pixels, channels, maps, rank, *, seed, **kwargs):
+    super().__init__(**kwargs)
+    self.pixels, self.channels, self.maps = int(pixels), int(channels), int(maps)
+    init = lambda i: tf_keras.initializers.GlorotUniform(seed=seed + i)
+    self.logits = tf_keras.layers.Dense(self.pixels * self.channels, use_bias=False,
+                                        kernel_initializer=init(0), name='logits',
+                                        dtype=self.dtype)
+    self.maps_down = tf_keras.layers.Dense(int(rank), use_bias=False,
+                                           kernel_initializer=init(1), name='maps_down',
+                                           dtype=self.dtype)
+    self.maps_up = tf_keras.layers.Dense(self.pixels * self.maps, use_bias=False,
+                                         kernel_initializer=init(2), name='maps_up',
+                                         dtype=self.dtype)
+
+  def build(self, input_shape):
+    self.bias = self.add_weight(
+        'bias', shape=[self.pixels * (self.channels + self.maps)], initializer='zeros')
+    super().build(input_shape)
+
+  def call(self, hidden):
+    logits = tf.reshape(self.logits(hidden), [-1, self.pixels, self.channels])
+    maps = tf.reshape(self.maps_up(self.maps_down(hidden)), [-1, self.pixels, self.maps])
+    out = tf.concat([logits, maps], axis=-1)
+    return tf.reshape(out, [-1, self.pixels * (self.channels + self.maps)]) + self.bias
 
 
 def _with_hidden_dropout(decoder, flat_z, z, rate, noise):

@@ -20,11 +20,12 @@ from models import vae
 
 
 def _config(model_dir, *, latent_dim=4, batch_size=32, seed=0, learning_rate=1e-3,
-            train_steps=40, dataset='synthetic', encoder_sizes=(32,), decoder='factorized'):
+            train_steps=40, dataset='synthetic', encoder_sizes=(32,), decoder='factorized',
+            **model_options):
   return config_lib.ExperimentConfig(
       model='vae',
       model_options=vae.VAEConfig(encoder_sizes=encoder_sizes, decoder_sizes=(32,),
-                                  latent_dim=latent_dim, decoder=decoder),
+                                  latent_dim=latent_dim, decoder=decoder, **model_options),
       data=config_lib.DataConfig(dataset=dataset, synthetic_train_size=128,
                                  synthetic_test_size=32),
       train=config_lib.TrainConfig(
@@ -259,21 +260,24 @@ def test_a_bnn_run_recorded_before_posterior_scale_existed_reads_as_softplus(tmp
     ('pixelcnn_kernel', 7, 5, 'factorized'),
     ('pixelcnn_logit_window', 0, 3, 'pixelcnn'),
     ('pixelcnn_latent_maps', 0, 2, 'pixelcnn'),
-    ('decoder_dropout', 0.0, 0.1, 'factorized')])
+    ('decoder_dropout', 0.0, 0.1, 'factorized'),
+    ('pixelcnn_maps_rank', 0, 2, 'pixelcnn')])
 def test_a_vae_run_recorded_before_a_field_existed_reads_as_its_old_value(
     tmp_path, field, before, other, decoder):
   """A config.json without model_options.decoder (or .activation) ran with the
   factorized decoder (relu): it resumes as that, and a resume with another value is
   refused."""
-  _saved_dir(tmp_path, step=7, decoder=decoder)
+  # The maps' rank needs maps to have one.
+  extra = dict(pixelcnn_latent_maps=2) if field == 'pixelcnn_maps_rank' else {}
+  _saved_dir(tmp_path, step=7, decoder=decoder, **extra)
   recorded = _recorded(tmp_path)
   del recorded['model_options'][field]
   with open(os.path.join(tmp_path, checkpoints.CONFIG_FILE), 'w') as f:
     json.dump(recorded, f)
-  exp = _build(_config(tmp_path, train_steps=100, decoder=decoder))
+  exp = _build(_config(tmp_path, train_steps=100, decoder=decoder, **extra))
   assert int(exp.step.numpy()) == 7
   assert _recorded(tmp_path)['model_options'][field] == before
-  config = _config(tmp_path, train_steps=100, decoder=decoder)
+  config = _config(tmp_path, train_steps=100, decoder=decoder, **extra)
   config = dataclasses.replace(config, model_options=dataclasses.replace(
       config.model_options, **{field: other}))
   with pytest.raises(errors.CheckpointError, match=f"{field}={before!r}"):

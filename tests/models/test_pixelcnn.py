@@ -160,6 +160,68 @@ def test_the_latent_maps_enter_at_their_own_pixel():
   assert set(zip(*np.nonzero(grad[0]))) == {(2, 2, 0), (2, 2, 1), (2, 2, 2)}
 
 
+def _maps_and_hidden(model, z):
+  """The latent maps [N, H * W * C] without their bias, and the decoder's last
+  hidden layer [N, hidden], for z [N, d]."""
+  out = model.decoder.get_layer('decoder_out')
+  hidden = z
+  for layer in model.decoder.layers:
+    if layer is out:
+      break
+    hidden = layer(hidden)
+  bias = tf.reshape(out.bias, [-1, 1 + model.config.pixelcnn_latent_maps])
+  a = model._factorized_logits(z)
+  maps = tf.reshape(a[..., 1:] - tf.reshape(bias[:, 1:], a.shape[1:].as_list()[:-1] + [-1]),
+                    [z.shape[0], -1])
+  return a, maps, hidden, bias
+
+
+@pytest.mark.parametrize('rank', [0, 2])
+def test_the_maps_rank_bounds_the_rank_of_the_latent_maps(rank):
+  """With --pixelcnn_maps_rank=r the latent maps of any batch span at most r
+  directions (they are (h D) U); without it they span as many as the hidden layer
+  allows. The logits channel is the same dense function of the hidden layer either way."""
+  model = _vae(image_shape=(5, 5, 1), decoder_sizes=(16,), pixelcnn_latent_maps=3,
+               pixelcnn_maps_rank=rank)
+  z = tf.random.stateless_normal([40, LATENT], seed=[7, 7])
+  a, maps, hidden, bias = _maps_and_hidden(model, z)
+  assert a.shape == (40, 5, 5, 4)
+  singular = np.linalg.svd(maps.numpy(), compute_uv=False)
+  numerical_rank = int(np.sum(singular > 1e-4 * singular[0]))
+  if rank:
+    assert numerical_rank == rank
+    out = model.decoder.get_layer('decoder_out')
+    np.testing.assert_allclose(
+        tf.reshape(a[..., 0], [40, -1]).numpy(),
+        (tf.matmul(hidden, out.logits.kernel) + bias[:, 0]).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        maps.numpy(), tf.matmul(tf.matmul(hidden, out.maps_down.kernel),
+                                out.maps_up.kernel).numpy(), rtol=1e-4, atol=1e-5)
+  else:
+    assert numerical_rank > 2
+
+
+def test_low_rank_maps_train_under_the_exact_likelihood():
+  """Probabilities of all 3x3 images still sum to one, and every variable of the
+  factored output layer gets a gradient (and is a kernel for weight decay)."""
+  model = _vae(pixelcnn_latent_maps=2, pixelcnn_maps_rank=1)
+  x = tf.reshape(_all_images(SMALL), [512, 1] + list(SMALL))
+  z = tf.random.stateless_normal([3, LATENT], seed=[4, 4])
+  np.testing.assert_allclose(
+      tf.reduce_sum(tf.exp(model.likelihood(z).log_prob(x)), axis=0).numpy(),
+      np.ones([3]), rtol=1e-5)
+  batch = tf.constant(np.random.RandomState(0).randint(0, 2, (8,) + SMALL), tf.float32)
+  with tf.GradientTape() as tape:
+    loss, _, _ = model.loss_terms(batch, kl_weight=1.0, seed=tf.constant([1, 1], tf.int32))
+    loss = tf.reduce_mean(loss)
+  grads = tape.gradient(loss, model.trainable_variables)
+  assert not [v.name for v, g in zip(model.trainable_variables, grads)
+              if g is None or not np.any(g.numpy())]
+  names = {v.name for v in model.decoder.trainable_variables}
+  assert {'decoder_out/logits/kernel:0', 'decoder_out/maps_down/kernel:0',
+          'decoder_out/maps_up/kernel:0', 'decoder_out/bias:0'} <= names
+
+
 # Both pixel-ordered decoders inside the VAE (the MADE's own tests: test_made.py).
 DECODERS = {'pixelcnn': ('pixelcnn_', _vae),
             'autoregressive': ('made_', lambda **o: vae.VAE(
@@ -215,14 +277,15 @@ def test_conv_vae_with_pixelcnn_decoder():
   assert loss.shape == (2,) and np.all(np.isfinite(loss.numpy()))
 
 
-@pytest.mark.parametrize('architecture', ['mlp', 'conv'])
-def test_pixel_mean_sets_the_logits_bias_and_the_latent_maps_start_at_zero(architecture):
+@pytest.mark.parametrize('architecture,rank', [('mlp', 0), ('conv', 0), ('mlp', 2)])
+def test_pixel_mean_sets_the_logits_bias_and_the_latent_maps_start_at_zero(architecture,
+                                                                           rank):
   shape = (4, 4, 1)
   mean = np.random.RandomState(0).uniform(0.1, 0.9, shape).astype(np.float32)
   model = vae.VAE(vae.VAEConfig(encoder_sizes=(16,), decoder_sizes=(16,),
                                 latent_dim=LATENT, decoder='pixelcnn',
                                 architecture=architecture, conv_filters=(2, 2),
-                                pixelcnn_latent_maps=2),
+                                pixelcnn_latent_maps=2, pixelcnn_maps_rank=rank),
                   image_shape=shape, pixel_mean=mean, seed=0)
   bias = model.decoder.get_layer('decoder_out').bias.numpy()
   logit = np.log(mean / (1 - mean))
@@ -254,6 +317,10 @@ def test_pixel_mean_sets_the_logits_bias_and_the_latent_maps_start_at_zero(archi
     (dict(pixelcnn_latent_maps=-1), '--pixelcnn_latent_maps'),
     (dict(pixelcnn_latent_maps=1.5), '--pixelcnn_latent_maps'),
     (dict(decoder='factorized', pixelcnn_latent_maps=2), '--pixelcnn_latent_maps=2'),
+    (dict(pixelcnn_latent_maps=2, pixelcnn_maps_rank=-1), '--pixelcnn_maps_rank'),
+    (dict(pixelcnn_maps_rank=4), '--pixelcnn_maps_rank=4 .*--pixelcnn_latent_maps=0'),
+    (dict(pixelcnn_latent_maps=2, pixelcnn_maps_rank=4, architecture='conv'),
+     '--pixelcnn_maps_rank=4 .*--architecture=conv'),
     (dict(decoder='autoregressive', pixelcnn_logit_window=5), '--pixelcnn_logit_window=5'),
 ])
 def test_config_errors_name_the_flag(overrides, flag):
