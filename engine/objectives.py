@@ -36,6 +36,12 @@ def _is_location_scale_normal(distribution):
   return isinstance(inner, tfd.MultivariateNormalLinearOperator)
 
 
+def reparameterized_sample(approx_posterior, eps):
+  """z = loc + scale @ eps for a location-scale normal q and standard-normal eps
+  [..., B, d]."""
+  return approx_posterior.loc + approx_posterior.scale.matvec(eps)
+
+
 def reparameterized_log_prob(approx_posterior, eps):
   """log q(z) at the reparameterized sample z = loc + scale @ eps, from eps.
 
@@ -44,8 +50,8 @@ def reparameterized_log_prob(approx_posterior, eps):
   This equals `q.log_prob(z)` in exact arithmetic, but `log_prob` recovers eps by
   solving scale^-1 (z - loc), and in float32 that solve's error grows with the
   condition number of a lower-triangular scale: a full-covariance posterior with a
-  small diagonal and large off-diagonal entries returns log q(z) millions of nats too
-  low for its own sample, which makes a Monte-Carlo rate or an importance weight
+  small diagonal and large off-diagonal entries returns log q(z) thousands of nats
+  or more too low for its own sample (tests/engine/test_objectives.py builds one), which makes a Monte-Carlo rate or an importance weight
   explode.
 
   Args:
@@ -73,7 +79,7 @@ def sample_with_log_prob(approx_posterior, num, seed):
     loc = approx_posterior.loc
     eps = tf.random.stateless_normal(tf.concat([[num], tf.shape(loc)], axis=0), seed=seed,
                                      dtype=loc.dtype)
-    return (loc + approx_posterior.scale.matvec(eps),
+    return (reparameterized_sample(approx_posterior, eps),
             reparameterized_log_prob(approx_posterior, eps))
   z = approx_posterior.sample(num, seed=seed)
   return z, approx_posterior.log_prob(z)

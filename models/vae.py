@@ -399,7 +399,7 @@ class VAE(tf.Module):
   @staticmethod
   def posterior_sample(q, eps):
     """Reparameterized z = loc + scale @ eps for standard-normal eps [..., B, d]."""
-    return q.loc + q.scale.matvec(eps)
+    return objectives.reparameterized_sample(q, eps)
 
   def likelihood(self, z, dropout_noise=None):
     """p(x | z) for z [..., d]; batch shape = z's leading dims, event = one image.
