@@ -1,5 +1,6 @@
 """Restores the latest checkpoint and writes the test figures to metrics.json."""
 import json
+import time
 
 from absl import app
 
@@ -11,6 +12,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from engine import controller
+  from engine import evaluation
   flag_lib.adopt_recorded_config()
   config = flag_lib.experiment_config()
   exp = controller.build(config, flag_lib.strategy(), record_config=False)
@@ -18,13 +20,17 @@ def main(argv):
     raise errors.CheckpointError(
         f'--model_dir={config.train.model_dir} has no checkpoint; train first with '
         f'bin/train.py --model_dir={config.train.model_dir}.')
+  started = time.perf_counter()
   metrics = controller.evaluate(exp, final=True)
+  seconds = time.perf_counter() - started
   controller.pop_images(exp, metrics, None, int(exp.step.numpy()))
   metrics.update({'step': int(exp.step.numpy()), 'model': config.model,
                   'dataset': exp.task.name})
   path = controller.write_metrics(config.train.model_dir, metrics)
   print(json.dumps(metrics, indent=2))
   print(exp.module.summary_line(metrics))
+  print(f'Evaluated in {seconds:.1f} s ({config.train.eval_iw_samples} importance samples '
+        f'per test example; XLA {"on" if evaluation.uses_xla(exp) else "off"}).')
   print(f'Wrote {path}')
 
 

@@ -131,7 +131,11 @@ def define_flags():
   flags.DEFINE_integer('checkpoint_every', 5000,
                        'Checkpoint every N steps (multiple of steps_per_loop).')
   flags.DEFINE_integer('keep_checkpoints', 3, 'Checkpoints kept (> 0).')
-  flags.DEFINE_boolean('jit_compile', True, 'Compile each training step with XLA.')
+  flags.DEFINE_boolean('jit_compile', None,
+                       'Compile the training step and the evaluation with XLA (true) or '
+                       'neither (false). Unset: XLA, except for the training step of a '
+                       'model that trains faster without it on a CPU-only machine (the '
+                       'pixelcnn VAE).')
   flags.DEFINE_boolean('prefetch_noise', True,
                        "With --jit_compile: draw the next step's shared noise (a BNN's "
                        'reparameterization/Flipout weight noise; the binarization noise '

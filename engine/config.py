@@ -79,7 +79,10 @@ class TrainConfig:
       evaluation and checkpoints happen only between calls.
     eval_every, checkpoint_every: in steps; multiples of steps_per_loop.
     keep_checkpoints: how many checkpoints to keep.
-    jit_compile: compile the training loop with XLA.
+    jit_compile: compile the training step and the evaluation with XLA (True),
+      neither (False), or None (the default): the evaluation with XLA, and the
+      training step too unless the model trains faster without it on this machine
+      (see `controller.jit_compile`).
     prefetch_noise: with jit_compile, draw the noise a step shares across its batch
       (a BNN's weight noise; the in-memory input's binarization noise) one step
       ahead, in its own XLA program that runs
@@ -112,7 +115,7 @@ class TrainConfig:
   eval_every: int = 5000
   checkpoint_every: int = 5000
   keep_checkpoints: int = 3
-  jit_compile: bool = True
+  jit_compile: Optional[bool] = None
   prefetch_noise: bool = True
   seed: int = 0
   eval_batch_size: int = 500
@@ -127,6 +130,10 @@ class TrainConfig:
   def __post_init__(self):
     _choice('precision', self.precision, ('float32', 'mixed_bfloat16', 'mixed_float16'))
     _choice('lr_schedule', self.lr_schedule, LR_SCHEDULES)
+    if self.jit_compile not in (None, True, False):
+      raise errors.ConfigError(
+          f'jit_compile={self.jit_compile!r}: must be True, False or None (the default: '
+          f'XLA where it is faster).')
     if not (isinstance(self.lr_final_fraction, (int, float))
             and 0 <= self.lr_final_fraction <= 1):
       raise errors.ConfigError(

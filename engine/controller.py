@@ -202,9 +202,24 @@ def _fmt_eta(seconds):
 
 
 def jit_compile(exp):
-  """--jit_compile, unless the strategy cannot run per-replica XLA (several logical
-  CPU devices in one process; see distribute.supports_per_replica_jit)."""
-  return exp.config.train.jit_compile and distribute.supports_per_replica_jit(exp.strategy)
+  """Whether the training step runs under XLA.
+
+  --jit_compile / --nojit_compile decide when given. Unset (None), XLA is on unless
+  the model declares that its step trains faster without it on CPU
+  (`trains_faster_without_xla_on_cpu`, e.g. the pixelcnn VAE: 1.6x on CPU,
+  benchmarks/RESULTS.md, session 16) and the machine has no GPU. Never where the
+  strategy cannot run per-replica XLA (several logical CPU devices in one process;
+  see distribute.supports_per_replica_jit).
+  """
+  wanted = exp.config.train.jit_compile
+  if wanted is None:
+    wanted = not _plain_step_is_faster(exp)
+  return wanted and distribute.supports_per_replica_jit(exp.strategy)
+
+
+def _plain_step_is_faster(exp):
+  return (bool(getattr(exp.model, 'trains_faster_without_xla_on_cpu', False))
+          and not tf.config.list_logical_devices('GPU'))
 
 
 def make_train_loop(exp, *, stop_requested=None, prefetch_noise=None):
@@ -300,7 +315,10 @@ def _train(exp, *, log, watcher):
       f'{exp.task.source}): steps {start} -> {t.train_steps}, global batch {t.batch_size} '
       f'on {strategy.num_replicas_in_sync} replica(s), {t.steps_per_loop} steps per call, '
       f'XLA {"on" if jit_compile(exp) else "off"}; model dir {t.model_dir}')
-  if t.jit_compile and not jit_compile(exp):
+  if t.jit_compile is None and _plain_step_is_faster(exp):
+    log('Note: the training step runs without XLA: this model trains faster so on a '
+        'CPU (the evaluation still uses XLA). --jit_compile forces it on.')
+  elif t.jit_compile is not False and not jit_compile(exp):
     log('Note: XLA is off: per-replica XLA does not work with several logical CPU '
         'devices in one process (it does on GPUs).')
 

@@ -15,6 +15,15 @@ from engine import loop as loop_lib
 from engine import step as step_lib
 
 
+def uses_xla(exp):
+  """XLA for evaluation unless --nojit_compile, where the strategy can run it. (By
+  default the evaluation is compiled even when the training step is not: the
+  pixelcnn VAE's importance-sampled evaluation ran 2.2x faster under XLA on CPU,
+  its training step 1.6x slower; benchmarks/RESULTS.md, session 16.)"""
+  return (exp.config.train.jit_compile is not False
+          and distribute.supports_per_replica_jit(exp.strategy))
+
+
 def mean_figures(exp, term_fn, keys, *, images, targets=None):
   """Means and standard errors of per-example figures over a test set.
 
@@ -32,7 +41,7 @@ def mean_figures(exp, term_fn, keys, *, images, targets=None):
   sum_keys = ('count',) + tuple(k for name in keys for k in (name, name + '_sq'))
   eval_loop = loop_lib.EvalLoop(
       replica_eval, strategy=exp.strategy, keys=sum_keys,
-      jit_compile=t.jit_compile and distribute.supports_per_replica_jit(exp.strategy))
+      jit_compile=uses_xla(exp))
   totals = {k: float(v) for k, v in eval_loop(inputs.make_eval_dataset(
       exp.strategy, images, batch_size=t.eval_batch_size, targets=targets)).items()}
   n = totals['count']
@@ -59,8 +68,7 @@ class Predictor:
     replica_predict = step_lib.make_replica_predict(predict_fn, seed=t.seed)
     self._loop = loop_lib.PredictLoop(
         replica_predict, strategy=exp.strategy,
-        jit_compile=(t.jit_compile and distribute.supports_per_replica_jit(exp.strategy))
-        if jit_compile is None else jit_compile)
+        jit_compile=uses_xla(exp) if jit_compile is None else jit_compile)
 
   def __call__(self, images, targets=None):
     t = self._exp.config.train

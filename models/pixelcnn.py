@@ -75,17 +75,26 @@ class TapConv2D(tf_keras.layers.Layer):
                  if self.use_bias else None)
     super().build(input_shape)
 
-  def call(self, x):
-    """x [..., H, W, 1] -> [..., H, W, filters]."""
+  def windows(self, x):
+    """x [..., H, W, 1] -> its taps, [taps, M] with M = the number of pixels of x.
+
+    Taps first: each shifted image is one contiguous row. (Stacked last, the taps
+    interleave: a strided write of the whole tensor, which took longer than the
+    matmul; and the kernel's gradient needed a transposed copy of its input.)
+    """
     h, w = x.shape[-3], x.shape[-2]
-    lead = tf.shape(x)[:-3]
     r = self.kernel_size // 2
     below = 0 if self.causal else r  # the causal window sees nothing below
     padded = tf.pad(tf.reshape(x, [-1, h, w]), [[0, 0], [r, below], [r, r]])
-    windows = tf.stack([padded[:, i:i + h, j:j + w] for i, j in self.taps], axis=-1)
-    out = tf.einsum('nhwt,tf->nhwf', windows, self.kernel)
+    return tf.stack([tf.reshape(padded[:, i:i + h, j:j + w], [-1]) for i, j in self.taps],
+                    axis=0)
+
+  def call(self, x):
+    """x [..., H, W, 1] -> [..., H, W, filters]."""
+    h, w = x.shape[-3], x.shape[-2]
+    out = tf.matmul(self.windows(x), self.kernel, transpose_a=True)  # [M, filters]
     out = out if self.bias is None else out + self.bias
-    return tf.reshape(out, tf.concat([lead, [h, w, self.filters]], 0))
+    return tf.reshape(out, tf.concat([tf.shape(x)[:-3], [h, w, self.filters]], 0))
 
 
 class PixelCNNHead(tf_keras.layers.Layer):
@@ -129,13 +138,23 @@ class PixelCNNHead(tf_keras.layers.Layer):
                                      dtype='float32')
 
   def build_for(self, image_shape, latent_dim):
-    """Creates every weight (tf_keras builds layers on their first call)."""
+    """Creates every weight. tf_keras builds a layer on its first call, and `logits`
+    reads some of its layers' weights without calling them: each is called once here."""
+    f = self.conv.filters
+    self.conv(tf.zeros([1] + list(image_shape)))
+    self.logit_in(tf.zeros([1, 1]))
+    if self.maps_in is not None:
+      self.maps_in(tf.zeros([1, self.latent_maps]))
+    self.out(tf.zeros([1, f]))
     x = tf.zeros([1] + list(image_shape))
     a = tf.zeros([1] + list(image_shape[:-1]) + [1 + self.latent_maps])
     self.logits(self.context(x), a, tf.zeros([1, latent_dim]))
 
   def context(self, x):
-    return self.conv(tf.cast(x, tf.float32))
+    """The causal taps of images x [..., H, W, 1] in {0, 1}: [taps, ..., H, W]
+    (`TapConv2D.windows`), computed once per image and shared by its latent samples."""
+    windows = self.conv.windows(tf.cast(x, self.compute_dtype))
+    return tf.reshape(windows, tf.concat([[len(self.conv.taps)], tf.shape(x)[:-1]], 0))
 
   def floats_per_pixel(self):
     """Activations per pixel of one latent sample: the first layer's F channels;
@@ -145,26 +164,63 @@ class PixelCNNHead(tf_keras.layers.Layer):
             + (0 if window is None else len(window.taps) + window.filters))
 
   def logits(self, context, a, z):
-    return self._correct(context + self._from_latent(a, z), a)
+    """The autoregressive logits [..., H, W, 1] (see the class docstring)."""
+    f = self.conv.filters
+    taps_kernel, a_kernel = self._first_kernels()
+    a_in = tf.cast(a, self.compute_dtype)
+    taps = tf.reshape(context, [context.shape[0], -1])  # [taps, pixels of x]
+    if self.one_sample_per_image(context, a):
+      # One latent sample per image (training): x's taps and a's 1 + C channels are
+      # the rows of one input, through one matmul. Each of the three small matmuls
+      # this replaces wrote a [pixels, F] tensor, and that traffic, not the
+      # multiply-adds, set their time (K = 1 and 8 were slower than K = 24).
+      pixels = context.shape[1:].num_elements()
+      features = tf.concat([taps, tf.transpose(tf.reshape(a_in, [pixels, -1]))], 0)
+      pre = tf.matmul(features, tf.concat([taps_kernel, a_kernel], 0), transpose_a=True)
+      pre = tf.reshape(pre, tf.concat([tf.shape(a)[:-1], [f]], 0))
+    else:
+      # Several latent samples per image: x's taps once, a's channels per sample.
+      from_x = tf.reshape(tf.matmul(taps, taps_kernel, transpose_a=True),
+                          tf.concat([tf.shape(context)[1:], [f]], 0))
+      pre = from_x + tf.tensordot(a_in, a_kernel, 1)
+    pre = pre + tf.cast(self.conv.bias, self.compute_dtype) + self._from_latent(a, z)
+    return self._correct(pre, a)
+
+  @staticmethod
+  def one_sample_per_image(context, a):
+    """Whether `logits` reads a [B, H, W, 1 + C] for exactly the images of `context`
+    (static shapes), and so computes its first layer as one matmul."""
+    return context.shape[1:].is_fully_defined() and context.shape[1:] == a.shape[:-1]
+
+  def _first_kernels(self):
+    """The first layer's weights in the compute dtype: the taps' [taps, F], and a's
+    [1 + C, F] (the logit's row, then the latent maps')."""
+    cast = lambda v: tf.cast(v, self.compute_dtype)
+    a_kernel = cast(self.logit_in.kernel)
+    if self.maps_in is not None:
+      a_kernel = tf.concat([a_kernel, cast(self.maps_in.kernel)], 0)
+    return cast(self.conv.kernel), a_kernel
 
   def _from_latent(self, a, z):
-    """The first layer's terms from z [..., d] other than u * a: [..., 1, 1, F] or,
-    with the logit window or latent maps, [..., H, W, F]."""
+    """The first layer's terms from z [..., d] other than a's own channels:
+    [..., 1, 1, F] or, with the logit window, [..., H, W, F]."""
     out = self.latent_in(z)[..., None, None, :]
     if self.logit_window is not None:
       out = out + self.logit_window(tf.sigmoid(a[..., :1]))
-    if self.maps_in is not None:
-      out = out + self.maps_in(a[..., 1:])
     return out
 
   def _correct(self, pre_activation, a):
-    """a + f from the first layer's input without a's term, for pixels [..., 1 + C]
+    """a + f from the first layer's pre-activation [..., F], for pixels a [..., 1 + C]
     (only the logit, the first channel, is used here)."""
     a = a[..., :1]
-    h = self.activation(pre_activation + self.logit_in(a))
+    h = self.activation(pre_activation)
     for layer in self.hidden:
       h = layer(h)
-    return a + tf.cast(self.out(h), a.dtype)
+    # The output layer (F -> 1) as a product and a sum: as a matmul with one column,
+    # and its gradient, a matmul with K = 1, it was one of the head's slowest steps.
+    f = (tf.reduce_sum(tf.cast(h, tf.float32) * self.out.kernel[:, 0], -1, keepdims=True)
+         + self.out.bias)
+    return a + tf.cast(f, a.dtype)
 
   def generate(self, a, z, seed):
     """Draws x ~ p(x | z) one pixel at a time (eager).
@@ -186,14 +242,15 @@ class PixelCNNHead(tf_keras.layers.Layer):
     r = self.conv.kernel_size // 2
     rows, cols = (np.array(t) for t in zip(*self.conv.taps))
     u = tf.random.stateless_uniform([n, h, w, 1], seed=seed).numpy()
-    from_latent = (self._from_latent(a, z) + self.conv.bias).numpy()  # [N, 1|H, 1|W, F]
-    from_latent = np.broadcast_to(from_latent, [n, h, w, from_latent.shape[-1]])
+    taps_kernel, a_kernel = (tf.cast(k, tf.float32) for k in self._first_kernels())
+    from_latent = (tf.cast(self._from_latent(a, z), tf.float32) + self.conv.bias
+                   + tf.tensordot(a, a_kernel, 1)).numpy()  # [N, H, W, F]
     padded = np.zeros([n, h + r, w + 2 * r], np.float32)
     probs = np.zeros([n, h, w, 1], np.float32)
     for i in range(h):
       for j in range(w):
         window = tf.constant(padded[:, i + rows, j + cols])  # [N, taps]
-        pre = tf.matmul(window, self.conv.kernel) + from_latent[:, i, j]
+        pre = tf.matmul(window, taps_kernel) + from_latent[:, i, j]
         p = tf.sigmoid(self._correct(pre, a[:, i, j, :])).numpy()  # [N, 1]
         probs[:, i, j, :] = p
         padded[:, i + r, j + r] = (u[:, i, j, 0] < p[:, 0]).astype(np.float32)

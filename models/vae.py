@@ -432,6 +432,13 @@ class VAE(tf.Module):
     return tf.reshape(out, tf.concat([tf.shape(z)[:-1], tf.shape(out)[1:]], axis=0))
 
   @property
+  def trains_faster_without_xla_on_cpu(self):
+    """The pixelcnn head's step is many small matmuls over every pixel; TF's own
+    kernels ran it 1.6x faster than XLA:CPU (benchmarks/RESULTS.md, session 16), so
+    by default the engine trains it without XLA on a CPU (engine.controller.jit_compile)."""
+    return self.pixelcnn is not None
+
+  @property
   def per_example_keys(self):
     """Names of the per-example [B] measurements `loss_terms` returns."""
     base = ('distortion', 'rate', 'elbo')

@@ -16,6 +16,8 @@ import tensorflow_probability as tfp
 from engine import config as config_lib
 from engine import controller
 from engine import errors
+from engine import evaluation
+from engine import loop as loop_lib
 from models import pixelcnn
 from models import vae
 
@@ -113,6 +115,30 @@ def test_untrained_decoder_equals_the_factorized_one(maps):
   own = tfd.Independent(tfd.Bernoulli(logits=ar_trained._factorized_logits(z)[..., :1]), 3)
   assert not np.allclose(ar_trained.likelihood(z).log_prob(x).numpy(),
                          own.log_prob(x).numpy())
+
+
+@pytest.mark.parametrize('window,maps', [(0, 0), (3, 0), (3, 2)])
+def test_one_matmul_for_one_sample_per_image_equals_the_shared_taps(window, maps):
+  """Training (one z per image) computes the first layer as one matmul over x's
+  taps and a's channels; several z per image reuse x's taps. Same values and
+  gradients."""
+  model = _vae(pixelcnn_logit_window=window, pixelcnn_latent_maps=maps)
+  head = model.pixelcnn
+  x = tf.constant(np.random.RandomState(2).randint(0, 2, (4,) + SMALL), tf.float32)
+  z = tf.random.stateless_normal([4, LATENT], seed=[7, 1])
+  a = model._factorized_logits(z)
+  context = head.context(x)
+  assert head.one_sample_per_image(context, a)
+  assert not head.one_sample_per_image(context, a[None])
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(a)
+    one = head.logits(context, a, z)
+    shared = head.logits(context, a[None], z[None])[0]
+    one_loss, shared_loss = (tf.reduce_sum(tf.sin(3.0 * t)) for t in (one, shared))
+  np.testing.assert_allclose(one.numpy(), shared.numpy(), rtol=1e-5, atol=1e-5)
+  sources = [a] + head.trainable_variables
+  for g1, g2 in zip(tape.gradient(one_loss, sources), tape.gradient(shared_loss, sources)):
+    np.testing.assert_allclose(g1.numpy(), g2.numpy(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('window,maps', [(0, 0), (3, 0), (3, 2)])
@@ -351,6 +377,42 @@ def test_engine_trains_the_pixelcnn_vae_under_xla(tmp_path):
   metrics = controller.train(config, tf.distribute.get_strategy(), log=lambda s: None)
   assert metrics['step'] == 10
   assert np.isfinite(metrics['nll']) and -metrics['nll'] >= metrics['elbo'] - 0.5
+
+
+@pytest.mark.parametrize('decoder,flag,step_xla,eval_xla', [
+    ('pixelcnn', None, False, True),  # the default on this CPU-only machine
+    ('pixelcnn', True, True, True),
+    ('pixelcnn', False, False, False),
+    ('factorized', None, True, True)])
+def test_the_pixelcnn_vae_trains_without_xla_by_default_on_cpu(tmp_path, decoder, flag,
+                                                               step_xla, eval_xla):
+  """Unset, --jit_compile leaves the pixelcnn VAE's training step to TF's kernels on
+  a CPU (faster there) and still compiles its evaluation; a given flag decides both;
+  other models keep XLA."""
+  config = config_lib.ExperimentConfig(
+      model='vae',
+      model_options=vae.VAEConfig(encoder_sizes=(8,), decoder_sizes=(8,), latent_dim=2,
+                                  decoder=decoder),
+      data=config_lib.DataConfig(dataset='synthetic', synthetic_train_size=64,
+                                 synthetic_test_size=16),
+      train=config_lib.TrainConfig(model_dir=str(tmp_path), train_steps=2, batch_size=16,
+                                   steps_per_loop=2, eval_every=2, checkpoint_every=2,
+                                   jit_compile=flag, eval_batch_size=16,
+                                   eval_iw_samples=0, num_summary_images=2))
+  assert not tf.config.list_logical_devices('GPU')
+  strategy = tf.distribute.get_strategy()
+  exp = controller.build(config, strategy)
+  assert controller.jit_compile(exp) is step_xla
+  assert evaluation.uses_xla(exp) is eval_xla
+  if decoder == 'pixelcnn' and flag is None:  # what the run says, and what it runs
+    with unittest.mock.patch.object(loop_lib, 'EvalLoop', wraps=loop_lib.EvalLoop) as evals, \
+         unittest.mock.patch.object(loop_lib, 'TrainLoop', wraps=loop_lib.TrainLoop) as trains:
+      lines = []
+      controller.train(config, strategy, log=lines.append)
+    assert evals.call_args.kwargs['jit_compile'] is True
+    assert trains.call_args.kwargs['jit_compile'] is False
+    assert any('XLA off' in line for line in lines)
+    assert any('runs without XLA' in line for line in lines)
 
 
 def test_evaluation_bounds_the_importance_samples_scored_at_a_time():
