@@ -206,7 +206,7 @@ def jit_compile(exp):
 
   --jit_compile / --nojit_compile decide when given. Unset (None), XLA is on unless
   the model declares that its step trains faster without it on CPU
-  (`trains_faster_without_xla_on_cpu`, e.g. the pixelcnn VAE: 1.6x on CPU,
+  (`trains_faster_without_xla_on_cpu`, e.g. the pixelcnn VAE: 1.25-1.5x on CPU,
   benchmarks/RESULTS.md, session 16) and the machine has no GPU. Never where the
   strategy cannot run per-replica XLA (several logical CPU devices in one process;
   see distribute.supports_per_replica_jit).

@@ -19,7 +19,7 @@ def uses_xla(exp):
   """XLA for evaluation unless --nojit_compile, where the strategy can run it. (By
   default the evaluation is compiled even when the training step is not: the
   pixelcnn VAE's importance-sampled evaluation ran 2.2x faster under XLA on CPU,
-  its training step 1.6x slower; benchmarks/RESULTS.md, session 16.)"""
+  its training step 1.25-1.5x slower; benchmarks/RESULTS.md, session 16.)"""
   return (exp.config.train.jit_compile is not False
           and distribute.supports_per_replica_jit(exp.strategy))
 

@@ -434,7 +434,7 @@ class VAE(tf.Module):
   @property
   def trains_faster_without_xla_on_cpu(self):
     """The pixelcnn head's step is many small matmuls over every pixel; TF's own
-    kernels ran it 1.6x faster than XLA:CPU (benchmarks/RESULTS.md, session 16), so
+    kernels ran it 1.25-1.5x faster than XLA:CPU (benchmarks/RESULTS.md, session 16), so
     by default the engine trains it without XLA on a CPU (engine.controller.jit_compile)."""
     return self.pixelcnn is not None
 
