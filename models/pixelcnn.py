@@ -46,6 +46,27 @@ def causal_mask(kernel_size):
   return mask
 
 
+@tf.custom_gradient
+def _stacked_matmul(taps, a_rows, taps_kernel, a_kernel):
+  """[taps; a_rows]^T @ [taps_kernel; a_kernel]: [pixels, F] from inputs [T, pixels]
+  and [A, pixels], in one matmul.
+
+  Its gradient gives each input its own product. The matmul's own gradient would
+  compute all T + A rows of d(input) at once, and the T rows of the taps, which are
+  data, are then computed for nothing; on their own, unused, they are pruned.
+  """
+  features = tf.concat([taps, a_rows], 0)
+  out = tf.matmul(features, tf.concat([taps_kernel, a_kernel], 0), transpose_a=True)
+
+  def grad(d_out):
+    d_kernel = tf.matmul(features, d_out)  # [T + A, F]
+    t = taps.shape[0]
+    return (tf.matmul(taps_kernel, d_out, transpose_b=True),
+            tf.matmul(a_kernel, d_out, transpose_b=True), d_kernel[:t], d_kernel[t:])
+
+  return out, grad
+
+
 class TapConv2D(tf_keras.layers.Layer):
   """A zero-padded k x k convolution of a single-channel image, computed by
   shifting the image once per tap and contracting the taps in one matmul.
@@ -175,8 +196,8 @@ class PixelCNNHead(tf_keras.layers.Layer):
       # this replaces wrote a [pixels, F] tensor, and that traffic, not the
       # multiply-adds, set their time (K = 1 and 8 were slower than K = 24).
       pixels = context.shape[1:].num_elements()
-      features = tf.concat([taps, tf.transpose(tf.reshape(a_in, [pixels, -1]))], 0)
-      pre = tf.matmul(features, tf.concat([taps_kernel, a_kernel], 0), transpose_a=True)
+      a_rows = tf.transpose(tf.reshape(a_in, [pixels, -1]))
+      pre = _stacked_matmul(taps, a_rows, taps_kernel, a_kernel)
       pre = tf.reshape(pre, tf.concat([tf.shape(a)[:-1], [f]], 0))
     else:
       # Several latent samples per image: x's taps once, a's channels per sample.
@@ -216,11 +237,7 @@ class PixelCNNHead(tf_keras.layers.Layer):
     h = self.activation(pre_activation)
     for layer in self.hidden:
       h = layer(h)
-    # The output layer (F -> 1) as a product and a sum: as a matmul with one column,
-    # and its gradient, a matmul with K = 1, it was one of the head's slowest steps.
-    f = (tf.reduce_sum(tf.cast(h, tf.float32) * self.out.kernel[:, 0], -1, keepdims=True)
-         + self.out.bias)
-    return a + tf.cast(f, a.dtype)
+    return a + tf.cast(self.out(h), a.dtype)
 
   def generate(self, a, z, seed):
     """Draws x ~ p(x | z) one pixel at a time (eager).
