@@ -315,12 +315,12 @@ def _train(exp, *, log, watcher):
       f'{exp.task.source}): steps {start} -> {t.train_steps}, global batch {t.batch_size} '
       f'on {strategy.num_replicas_in_sync} replica(s), {t.steps_per_loop} steps per call, '
       f'XLA {"on" if jit_compile(exp) else "off"}; model dir {t.model_dir}')
-  if t.jit_compile is None and _plain_step_is_faster(exp):
-    log('Note: the training step runs without XLA: this model trains faster so on a '
-        'CPU (the evaluation still uses XLA). --jit_compile forces it on.')
-  elif t.jit_compile is not False and not jit_compile(exp):
+  if t.jit_compile is not False and not distribute.supports_per_replica_jit(strategy):
     log('Note: XLA is off: per-replica XLA does not work with several logical CPU '
         'devices in one process (it does on GPUs).')
+  elif t.jit_compile is None and _plain_step_is_faster(exp):
+    log('Note: the training step runs without XLA: this model trains faster so on a '
+        'CPU (the evaluation still uses XLA). --jit_compile forces it on.')
 
   current = start
   timed_steps, timed_seconds = 0, 0.0
