@@ -51,8 +51,8 @@ def reparameterized_log_prob(approx_posterior, eps):
   solving scale^-1 (z - loc), and in float32 that solve's error grows with the
   condition number of a lower-triangular scale: a full-covariance posterior with a
   small diagonal and large off-diagonal entries returns log q(z) thousands of nats
-  or more too low for its own sample (tests/engine/test_objectives.py builds one), which makes a Monte-Carlo rate or an importance weight
-  explode.
+  or more too low for its own sample (tests/engine/test_objectives.py builds one),
+  which makes a Monte-Carlo rate or an importance weight explode.
 
   Args:
     approx_posterior: q(z | x), batch shape [B], event [d].

@@ -161,13 +161,12 @@ class PixelCNNHead(tf_keras.layers.Layer):
   def build_for(self, image_shape, latent_dim):
     """Creates every weight. tf_keras builds a layer on its first call, and `logits`
     reads some of its layers' weights without calling them: each is called once here."""
-    f = self.conv.filters
-    self.conv(tf.zeros([1] + list(image_shape)))
+    x = tf.zeros([1] + list(image_shape))
+    self.conv(x)
     self.logit_in(tf.zeros([1, 1]))
     if self.maps_in is not None:
       self.maps_in(tf.zeros([1, self.latent_maps]))
-    self.out(tf.zeros([1, f]))
-    x = tf.zeros([1] + list(image_shape))
+    self.out(tf.zeros([1, self.conv.filters]))
     a = tf.zeros([1] + list(image_shape[:-1]) + [1 + self.latent_maps])
     self.logits(self.context(x), a, tf.zeros([1, latent_dim]))
 
