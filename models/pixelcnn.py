@@ -67,6 +67,32 @@ def _stacked_matmul(taps, a_rows, taps_kernel, a_kernel):
   return out, grad
 
 
+def _broadcast_add(x, y):
+  """x + y, y broadcast against x and cast to x's dtype; y's gradient is summed in
+  float32.
+
+  In mixed precision the head's biases and per-image terms are summed over every
+  pixel of the batch (about 100,000 in training) by their gradient, and TF's CPU
+  kernels summed some of them in the low dtype: a bias's gradient came out 15%
+  (float16) to 90% (bfloat16) wrong (tests/engine/test_precision.py).
+  """
+  if x.dtype == tf.float32 and y.dtype == tf.float32:
+    return x + y
+  return _add_summing_in_float32(x, tf.convert_to_tensor(y))  # a variable read here
+
+
+@tf.custom_gradient
+def _add_summing_in_float32(x, y):
+  """See `_broadcast_add`."""
+  def grad(d_out):
+    x_axes, y_axes = tf.raw_ops.BroadcastGradientArgs(s0=tf.shape(x), s1=tf.shape(y))
+    d_x = tf.reshape(tf.reduce_sum(d_out, x_axes), tf.shape(x))  # x is rarely broadcast
+    d_y = tf.reshape(tf.reduce_sum(tf.cast(d_out, tf.float32), y_axes), tf.shape(y))
+    return d_x, tf.cast(d_y, y.dtype)
+
+  return x + tf.cast(y, x.dtype), grad
+
+
 class TapConv2D(tf_keras.layers.Layer):
   """A zero-padded k x k convolution of a single-channel image, computed by
   shifting the image once per tap and contracting the taps in one matmul.
@@ -166,7 +192,8 @@ class PixelCNNHead(tf_keras.layers.Layer):
     self.logit_in(tf.zeros([1, 1]))
     if self.maps_in is not None:
       self.maps_in(tf.zeros([1, self.latent_maps]))
-    self.out(tf.zeros([1, self.conv.filters]))
+    for layer in self.hidden + [self.out]:
+      layer(tf.zeros([1, self.conv.filters]))
     a = tf.zeros([1] + list(image_shape[:-1]) + [1 + self.latent_maps])
     self.logits(self.context(x), a, tf.zeros([1, latent_dim]))
 
@@ -203,7 +230,7 @@ class PixelCNNHead(tf_keras.layers.Layer):
       from_x = tf.reshape(tf.matmul(taps, taps_kernel, transpose_a=True),
                           tf.concat([tf.shape(context)[1:], [f]], 0))
       pre = from_x + tf.tensordot(a_in, a_kernel, 1)
-    pre = pre + tf.cast(self.conv.bias, self.compute_dtype) + self._from_latent(a, z)
+    pre = _broadcast_add(_broadcast_add(pre, self.conv.bias), self._from_latent(a, z))
     return self._correct(pre, a)
 
   @staticmethod
@@ -234,8 +261,9 @@ class PixelCNNHead(tf_keras.layers.Layer):
     (only the logit, the first channel, is used here)."""
     a = a[..., :1]
     h = self.activation(pre_activation)
-    for layer in self.hidden:
-      h = layer(h)
+    for layer in self.hidden:  # the layers' own weights, with the bias of `_broadcast_add`
+      h = layer.activation(_broadcast_add(
+          tf.tensordot(h, tf.cast(layer.kernel, h.dtype), 1), layer.bias))
     return a + tf.cast(self.out(h), a.dtype)
 
   def generate(self, a, z, seed):

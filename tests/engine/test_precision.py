@@ -178,3 +178,119 @@ def test_bnn_trains_in_every_precision(precision, tmp_path, default_strategy):
   assert float(last['accuracy']) > 0.9
   if precision == 'mixed_float16':
     assert float(last['skipped']) == 0.0
+
+
+# ---------------------------------------------------------------------------------
+# The pixelcnn decoder: its head computes in the low dtype (its first layer is one
+# matmul with its own gradient, `models.pixelcnn._stacked_matmul`), its output layer
+# and the Bernoulli log-probability in float32.
+
+PIXELCNN_OPTIONS = vae.VAEConfig(encoder_sizes=(32,), decoder_sizes=(32,), latent_dim=3,
+                                 decoder='pixelcnn', pixelcnn_filters=8, pixelcnn_kernel=3,
+                                 pixelcnn_latent_maps=2, pixelcnn_maps_rank=4)
+
+
+def _pixelcnn_pair(tmp_path, precision, default_strategy):
+  """float32 and mixed builds with the same weights; the head's weights random (its
+  output layer starts at zero, which would hide it) and equal in both."""
+  exps = [controller.build(config_for(tmp_path / p, p, options=PIXELCNN_OPTIONS),
+                           default_strategy) for p in ('float32', precision)]
+  for i, weights in enumerate(zip(*(e.model.pixelcnn.weights for e in exps))):
+    value = 0.5 * tf.random.stateless_normal(weights[0].shape, seed=[7, i])
+    for w in weights:
+      w.assign(value)
+  return exps
+
+
+@pytest.mark.parametrize('precision', ['mixed_bfloat16', 'mixed_float16'])
+def test_pixelcnn_vae_mixed_is_close_to_float32(precision, tmp_path, default_strategy):
+  """Loss, gradients (through the one-matmul first layer), the importance-sampled
+  log-likelihood (several latent samples per image: the shared-taps path) and
+  generation, in mixed precision against float32 on the same weights."""
+  ref, mix = _pixelcnn_pair(tmp_path, precision, default_strategy)
+  head = mix.model.pixelcnn
+  low = {'mixed_bfloat16': 'bfloat16', 'mixed_float16': 'float16'}[precision]
+  assert head.compute_dtype == low and head.conv.compute_dtype == low
+  assert head.out.compute_dtype == 'float32'
+  assert all(v.dtype == tf.float32 for v in mix.model.trainable_variables)
+  x = tf.constant(mix.task.test_images[:32])
+  noise = sampling.Noise(tf.constant([4, 2]))
+
+  def loss_and_grads(exp):
+    with tf.GradientTape() as tape:
+      loss, _, _ = exp.model.loss_terms(x, noise=noise, kl_weight=1.0)
+      mean = tf.reduce_mean(loss)
+    return loss, tape.gradient(mean, exp.model.trainable_variables)
+
+  loss_ref, grads_ref = loss_and_grads(ref)
+  loss_mix, grads_mix = loss_and_grads(mix)
+  assert loss_mix.dtype == tf.float32
+  np.testing.assert_allclose(float(tf.reduce_mean(loss_mix)),
+                             float(tf.reduce_mean(loss_ref)), rtol=LOSS_RTOL[precision])
+  assert not np.array_equal(loss_mix.numpy(), loss_ref.numpy())  # it did compute low
+  head_vars = {id(v) for v in head.trainable_variables}
+  checked = 0
+  for v, g_ref, g_mix in zip(mix.model.trainable_variables, grads_ref, grads_mix):
+    assert g_mix is not None and g_mix.dtype == tf.float32, v.name
+    assert np.all(np.isfinite(g_mix.numpy())), v.name
+    if id(v) in head_vars and float(tf.norm(g_ref)) > 0:
+      # Rounding in the low dtype, not a wrong gradient: within 5x the loss's
+      # tolerance in norm (a transposed or misrouted product is off by O(1)).
+      error = float(tf.norm(g_mix - g_ref) / tf.norm(g_ref))
+      assert error < 5 * LOSS_RTOL[precision], (v.name, error)
+      checked += 1
+  assert checked >= 5
+
+  seed = tf.constant([3, 5])
+  ll = [e.model.eval_terms(x[:8], seed=seed, iw_samples=4, iw_chunk_size=2)
+        ['log_likelihood'] for e in (ref, mix)]
+  assert ll[1].dtype == tf.float32
+  np.testing.assert_allclose(ll[1].numpy(), ll[0].numpy(), rtol=LOSS_RTOL[precision])
+
+  images = mix.model.sample(2, seed)
+  assert images.shape == (2,) + tuple(x.shape[1:])
+  values = images.numpy()
+  assert np.all((values >= 0) & (values <= 1))
+
+
+@pytest.mark.parametrize('precision', ['mixed_bfloat16', 'mixed_float16'])
+def test_pixelcnn_vae_trains_in_mixed_precision(precision, tmp_path, default_strategy):
+  """The engine's loop trains the pixelcnn VAE in mixed precision (without XLA, its
+  default on CPU): the loss falls clearly and float16 skips no step."""
+  exp = controller.build(config_for(tmp_path, precision, options=PIXELCNN_OPTIONS,
+                                    steps=60), default_strategy)
+  train_loop, iterator = controller.make_train_loop(exp)
+  first, _, bad = train_loop(iterator, tf.constant(5, tf.int64))
+  assert int(bad) == -1
+  for _ in range(10):
+    last, _, bad = train_loop(iterator, tf.constant(5, tf.int64))
+    assert int(bad) == -1
+  assert float(last['loss']) < 0.96 * float(first['loss'])
+  if precision == 'mixed_float16':
+    assert float(last['skipped']) == 0.0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "TF's CPU kernels sum a conv layer's bias gradient in bfloat16 (tf_keras Conv2D/"
+    "Conv2DTranspose use tf.nn.bias_add); under XLA, the default, the biases' "
+    "gradients were as close as the kernels'. If this passes, TF fixed it: drop the "
+    "xfail and the README caveat."))
+def test_conv_bias_gradients_in_bfloat16_without_xla(tmp_path, default_strategy):
+  """A known limitation, pinned: --architecture=conv, mixed_bfloat16, --nojit_compile
+  on CPU. The pixelcnn head sums its own biases in float32 (models/pixelcnn.py); the
+  conv layers' biases are tf_keras's."""
+  exps = [controller.build(config_for(tmp_path / p, p,
+                                      options=VAE_OPTIONS['vae_conv_full_cov']),
+                           default_strategy) for p in ('float32', 'mixed_bfloat16')]
+  noise = sampling.Noise(tf.constant([4, 2]))
+  grads = []
+  for exp in exps:
+    x = tf.constant(exp.task.test_images[:32])
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_mean(exp.model.loss_terms(x, noise=noise, kl_weight=1.0)[0])
+    grads.append(dict(zip([v.name for v in exp.model.trainable_variables],
+                          tape.gradient(loss, exp.model.trainable_variables))))
+  for name, g_ref in grads[0].items():
+    if 'conv' in name and 'bias' in name:
+      error = float(tf.norm(grads[1][name] - g_ref) / tf.norm(g_ref))
+      assert error < 5 * LOSS_RTOL['mixed_bfloat16'], (name, error)
