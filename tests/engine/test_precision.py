@@ -258,7 +258,7 @@ def test_pixelcnn_vae_mixed_is_close_to_float32(precision, tmp_path, default_str
   assert np.all((values >= 0) & (values <= 1))
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "TF's CPU kernels sum a conv layer's bias gradient in bfloat16 (tf_keras Conv2D/"
     "Conv2DTranspose use tf.nn.bias_add); under XLA, the default, the biases' "
     "gradients were as close as the kernels'. If this passes, TF fixed it: drop the "
