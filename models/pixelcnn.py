@@ -68,8 +68,8 @@ def _stacked_matmul(taps, a_rows, taps_kernel, a_kernel):
 
 
 def _broadcast_add(x, y):
-  """x + y, y broadcast against x and cast to x's dtype; y's gradient is summed in
-  float32.
+  """x + y, y broadcast against x (x has the sum's shape) and cast to x's dtype;
+  y's gradient is summed in float32.
 
   In mixed precision the head's biases and per-image terms are summed over every
   pixel of the batch (about 100,000 in training) by their gradient, and TF's CPU
@@ -85,10 +85,9 @@ def _broadcast_add(x, y):
 def _add_summing_in_float32(x, y):
   """See `_broadcast_add`."""
   def grad(d_out):
-    x_axes, y_axes = tf.raw_ops.BroadcastGradientArgs(s0=tf.shape(x), s1=tf.shape(y))
-    d_x = tf.reshape(tf.reduce_sum(d_out, x_axes), tf.shape(x))  # x is rarely broadcast
+    _, y_axes = tf.raw_ops.BroadcastGradientArgs(s0=tf.shape(x), s1=tf.shape(y))
     d_y = tf.reshape(tf.reduce_sum(tf.cast(d_out, tf.float32), y_axes), tf.shape(y))
-    return d_x, tf.cast(d_y, y.dtype)
+    return d_out, tf.cast(d_y, y.dtype)
 
   return x + tf.cast(y, x.dtype), grad
 

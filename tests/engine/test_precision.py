@@ -258,27 +258,38 @@ def test_pixelcnn_vae_mixed_is_close_to_float32(precision, tmp_path, default_str
   assert np.all((values >= 0) & (values <= 1))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "TF's CPU kernels sum a conv layer's bias gradient in bfloat16 (tf_keras Conv2D/"
-    "Conv2DTranspose use tf.nn.bias_add); under XLA, the default, the biases' "
-    "gradients were as close as the kernels'. If this passes, TF fixed it: drop the "
-    "xfail and the README caveat."))
-def test_conv_bias_gradients_in_bfloat16_without_xla(tmp_path, default_strategy):
-  """A known limitation, pinned: --architecture=conv, mixed_bfloat16, --nojit_compile
-  on CPU. The pixelcnn head sums its own biases in float32 (models/pixelcnn.py); the
-  conv layers' biases are tf_keras's."""
+@pytest.mark.parametrize('jit', [
+    True,
+    pytest.param(False, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+        "TF's CPU kernels sum a conv layer's bias gradient in bfloat16 (tf_keras "
+        "Conv2D/Conv2DTranspose use tf.nn.bias_add). If this passes, TF fixed it: drop "
+        "the xfail and the README caveat.")))], ids=['xla', 'no_xla'])
+def test_conv_bias_gradients_in_bfloat16(jit, tmp_path, default_strategy):
+  """--architecture=conv with mixed_bfloat16 on CPU: under XLA (the default, and the
+  README's advice) the conv layers' bias gradients are close to float32's; without
+  XLA they are not, a known limitation pinned by a strict xfail. (The pixelcnn head
+  sums its own biases in float32, models/pixelcnn.py; the conv layers' biases are
+  tf_keras's.)"""
   exps = [controller.build(config_for(tmp_path / p, p,
                                       options=VAE_OPTIONS['vae_conv_full_cov']),
                            default_strategy) for p in ('float32', 'mixed_bfloat16')]
   noise = sampling.Noise(tf.constant([4, 2]))
-  grads = []
-  for exp in exps:
-    x = tf.constant(exp.task.test_images[:32])
-    with tf.GradientTape() as tape:
-      loss = tf.reduce_mean(exp.model.loss_terms(x, noise=noise, kl_weight=1.0)[0])
-    grads.append(dict(zip([v.name for v in exp.model.trainable_variables],
-                          tape.gradient(loss, exp.model.trainable_variables))))
+
+  def gradients_of(model, x):
+    def gradients():
+      with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(model.loss_terms(x, noise=noise, kl_weight=1.0)[0])
+      return tape.gradient(loss, model.trainable_variables)
+    return tf.function(gradients, jit_compile=jit)()
+
+  grads = [dict(zip([v.name for v in e.model.trainable_variables],
+                    gradients_of(e.model, tf.constant(e.task.test_images[:32]))))
+           for e in exps]
+  checked = 0
   for name, g_ref in grads[0].items():
     if 'conv' in name and 'bias' in name:
       error = float(tf.norm(grads[1][name] - g_ref) / tf.norm(g_ref))
-      assert error < 5 * LOSS_RTOL['mixed_bfloat16'], (name, error)
+      # bfloat16 rounding through the network, not a sum in the low dtype.
+      assert error < 10 * LOSS_RTOL['mixed_bfloat16'], (name, error)
+      checked += 1
+  assert checked >= 3
