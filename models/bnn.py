@@ -46,6 +46,7 @@ from engine import objectives
 from engine import plots
 from engine import sampling
 from engine import tasks
+from models import bias
 from models import variational
 
 tfd = tfp.distributions
@@ -232,8 +233,8 @@ class BNN(tf.Module):
         layer = tf_keras.layers.Dense(size, activation=activation, kernel_initializer=init,
                                       name=name, **extra)
       else:
-        layer = tf_keras.layers.Conv2D(size, kernel, padding=padding, activation=activation,
-                                       kernel_initializer=init, name=name, **extra)
+        layer = bias.Conv2D(size, kernel, padding=padding, activation=activation,
+                            kernel_initializer=init, name=name, **extra)
     self.layers.append((kind, layer))
 
   def _build_variables(self):

@@ -36,6 +36,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from models import bias
+
 
 def causal_mask(kernel_size):
   """[k, k] 0/1 mask of the taps strictly before the centre in raster order."""
@@ -65,31 +67,6 @@ def _stacked_matmul(taps, a_rows, taps_kernel, a_kernel):
             tf.matmul(a_kernel, d_out, transpose_b=True), d_kernel[:t], d_kernel[t:])
 
   return out, grad
-
-
-def _broadcast_add(x, y):
-  """x + y, y broadcast against x (x has the sum's shape) and cast to x's dtype;
-  y's gradient is summed in float32.
-
-  In mixed precision the head's biases and per-image terms are summed over every
-  pixel of the batch (about 100,000 in training) by their gradient, and TF's CPU
-  kernels summed some of them in the low dtype: a bias's gradient came out 15%
-  (float16) to 90% (bfloat16) wrong (tests/engine/test_precision.py).
-  """
-  if x.dtype == tf.float32 and y.dtype == tf.float32:
-    return x + y
-  return _add_summing_in_float32(x, tf.convert_to_tensor(y))  # a variable read here
-
-
-@tf.custom_gradient
-def _add_summing_in_float32(x, y):
-  """See `_broadcast_add`."""
-  def grad(d_out):
-    _, y_axes = tf.raw_ops.BroadcastGradientArgs(s0=tf.shape(x), s1=tf.shape(y))
-    d_y = tf.reshape(tf.reduce_sum(tf.cast(d_out, tf.float32), y_axes), tf.shape(y))
-    return d_out, tf.cast(d_y, y.dtype)
-
-  return x + tf.cast(y, x.dtype), grad
 
 
 class TapConv2D(tf_keras.layers.Layer):
@@ -229,7 +206,8 @@ class PixelCNNHead(tf_keras.layers.Layer):
       from_x = tf.reshape(tf.matmul(taps, taps_kernel, transpose_a=True),
                           tf.concat([tf.shape(context)[1:], [f]], 0))
       pre = from_x + tf.tensordot(a_in, a_kernel, 1)
-    pre = _broadcast_add(_broadcast_add(pre, self.conv.bias), self._from_latent(a, z))
+    pre = bias.broadcast_add(pre, self.conv.bias)
+    pre = bias.broadcast_add(pre, self._from_latent(a, z))
     return self._correct(pre, a)
 
   @staticmethod
@@ -260,8 +238,8 @@ class PixelCNNHead(tf_keras.layers.Layer):
     (only the logit, the first channel, is used here)."""
     a = a[..., :1]
     h = self.activation(pre_activation)
-    for layer in self.hidden:  # the layers' own weights, with the bias of `_broadcast_add`
-      h = layer.activation(_broadcast_add(
+    for layer in self.hidden:  # the layers' own weights; bias.broadcast_add adds the bias
+      h = layer.activation(bias.broadcast_add(
           tf.tensordot(h, tf.cast(layer.kernel, h.dtype), 1), layer.bias))
     return a + tf.cast(self.out(h), a.dtype)
 

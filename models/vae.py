@@ -20,6 +20,7 @@ from engine import inputs
 from engine import objectives
 from engine import sampling
 from engine import summaries
+from models import bias
 from models import latent_priors
 from models import made
 from models import pixelcnn
@@ -312,9 +313,9 @@ class VAE(tf.Module):
         raise errors.ConfigError(
             f'--architecture=conv needs image height and width divisible by 4; the data '
             f'has {h}x{w}. Use --architecture=mlp.')
-      enc = [tf_keras.layers.Conv2D(f1, 5, 2, 'same', activation=act,
+      enc = [bias.Conv2D(f1, 5, 2, 'same', activation=act,
                                     kernel_initializer=init(0), name='encoder_conv0'),
-             tf_keras.layers.Conv2D(f2, 5, 2, 'same', activation=act,
+             bias.Conv2D(f2, 5, 2, 'same', activation=act,
                                     kernel_initializer=init(1), name='encoder_conv1'),
              tf_keras.layers.Flatten(name='flatten')]
       enc += _mlp(config.encoder_sizes[:1], 'encoder', seed * 1000 + 10, act)
@@ -322,11 +323,11 @@ class VAE(tf.Module):
       dec += [tf_keras.layers.Dense(h // 4 * w // 4 * f2, activation=act,
                                     kernel_initializer=init(110), name='decoder_dense_up'),
               tf_keras.layers.Reshape((h // 4, w // 4, f2)),
-              tf_keras.layers.Conv2DTranspose(f1, 5, 2, 'same', activation=act,
+              bias.Conv2DTranspose(f1, 5, 2, 'same', activation=act,
                                               kernel_initializer=init(111),
                                               name='decoder_deconv0')]
       out_init = init(200)
-      dec_out = [tf_keras.layers.Conv2DTranspose(out_channels, 5, 2, 'same',
+      dec_out = [bias.Conv2DTranspose(out_channels, 5, 2, 'same',
                                                  kernel_initializer=out_init,
                                                  name='decoder_out', dtype='float32')]
 
@@ -365,9 +366,9 @@ class VAE(tf.Module):
 
   def _init_output_bias(self, pixel_mean):
     if self.config.decoder == 'autoregressive':
-      bias = self.decoder.out.bias
+      out_bias = self.decoder.out.bias
     else:
-      bias = self.decoder.get_layer('decoder_out').bias
+      out_bias = self.decoder.get_layer('decoder_out').bias
     c = self.image_shape[-1]
     if self.config.architecture == 'conv' and self.config.decoder != 'autoregressive':
       pixel_mean = pixel_mean.reshape(-1, c).mean(axis=0)
@@ -378,7 +379,7 @@ class VAE(tf.Module):
       pixel_mean = np.log(p) - np.log1p(-p)
     # The pixelcnn head's latent maps, the last channels of the output, start at 0.
     maps = np.zeros(pixel_mean.shape[:-1] + (self.config.pixelcnn_latent_maps,))
-    bias.assign(np.concatenate([pixel_mean, maps], axis=-1).reshape(-1).astype(np.float32))
+    out_bias.assign(np.concatenate([pixel_mean, maps], axis=-1).reshape(-1).astype(np.float32))
 
   def approx_posterior(self, x):
     """q(z | x) for a batch x [B, H, W, C] (a MultivariateNormalLinearOperator)."""

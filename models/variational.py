@@ -71,6 +71,7 @@ import tensorflow as tf
 import tf_keras
 
 from engine import errors
+from models import bias
 
 ESTIMATORS = ('reparameterization', 'flipout', 'local_reparameterization')
 KL_METHODS = ('analytic', 'monte_carlo')
@@ -503,7 +504,7 @@ class _VariationalLayer(tf_keras.layers.Layer):
         else:
           kl = monte_carlo_kl(w, loc, scale, self.prior, log_scale)
     if self.bias is not None:
-      outputs = tf.nn.bias_add(outputs, tf.cast(self.bias, compute_dtype))
+      outputs = bias.add_bias(outputs, self.bias)  # its gradient summed in float32
     if self.activation is not None:
       outputs = self.activation(outputs)
     return (outputs, kl) if return_kl else outputs
