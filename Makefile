@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 MODEL_DIR ?= runs/vae
+# pytest-xdist workers: one per core (the suite is bound by one Python thread per worker).
+TEST_WORKERS ?= auto
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: setup data train test bench bench-bnn bench-bnn-quality bench-scaling clean-venv
@@ -39,7 +41,7 @@ train: setup
 	$(PY) -m bin.train --model_dir=$(MODEL_DIR) $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
 
 bench: setup
 	$(PY) benchmarks/throughput.py
