@@ -57,6 +57,9 @@ flags.DEFINE_float('ema_decay', 0.0, 'Weight-average decay of every configuratio
                    '(TrainConfig.ema_decay; 0: off). When on, the test figures are of the '
                    'averaged weights, and the trained weights are evaluated too, with '
                    'the same test noise, for a paired comparison.')
+flags.DEFINE_boolean('jit_compile', None, 'XLA for every configuration '
+                     '(TrainConfig.jit_compile); unset: the engine\'s default (XLA, except '
+                     'the training step of a model that trains faster without it on CPU).')
 flags.DEFINE_string('dataset', 'fashion_mnist', 'Data set name.')
 flags.DEFINE_integer('eval_iw_samples', 1000, 'Importance samples for log p(x) (>= 1000 '
                      'for reported figures).')
@@ -99,7 +102,8 @@ def _config(name, train_steps, model_dir):
           lr_schedule=FLAGS.lr_schedule, lr_final_fraction=FLAGS.lr_final_fraction,
           eval_every=10**9 // 500 * 500, checkpoint_every=10**9 // 500 * 500,
           eval_iw_samples=FLAGS.eval_iw_samples, iw_chunk_size=FLAGS.iw_chunk_size,
-          weight_decay=FLAGS.weight_decay, ema_decay=FLAGS.ema_decay))
+          weight_decay=FLAGS.weight_decay, ema_decay=FLAGS.ema_decay,
+          jit_compile=FLAGS.jit_compile))
 
 
 def _steps_for_budget(name, strategy, data):

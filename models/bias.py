@@ -9,10 +9,10 @@ bfloat16, the broadcast add's `Sum` in float16), and the gradients came out 15%
 `broadcast_add` sums them in float32; in float32 it is a plain add.
 
 `add_bias` is the layers' bias add. `Conv2D` and `Conv2DTranspose` are tf_keras's
-layers with that bias add in mixed
-precision (in float32 they compute exactly as tf_keras's): same arguments, weights,
-names and checkpoints, for the configurations the models use (channels last, no
-groups or dilation; 'same' padding for the transposed one).
+layers with that bias add in mixed precision (in float32 they compute exactly as
+tf_keras's): same arguments, weights, names and checkpoints, for the configurations
+the models use (channels last, no groups or dilation; 'same' padding for the
+transposed one).
 """
 import tensorflow as tf
 import tf_keras

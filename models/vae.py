@@ -314,9 +314,9 @@ class VAE(tf.Module):
             f'--architecture=conv needs image height and width divisible by 4; the data '
             f'has {h}x{w}. Use --architecture=mlp.')
       enc = [bias.Conv2D(f1, 5, 2, 'same', activation=act,
-                                    kernel_initializer=init(0), name='encoder_conv0'),
+                         kernel_initializer=init(0), name='encoder_conv0'),
              bias.Conv2D(f2, 5, 2, 'same', activation=act,
-                                    kernel_initializer=init(1), name='encoder_conv1'),
+                         kernel_initializer=init(1), name='encoder_conv1'),
              tf_keras.layers.Flatten(name='flatten')]
       enc += _mlp(config.encoder_sizes[:1], 'encoder', seed * 1000 + 10, act)
       dec = _mlp(config.decoder_sizes[:1], 'decoder', seed * 1000 + 100, act)
@@ -324,12 +324,10 @@ class VAE(tf.Module):
                                     kernel_initializer=init(110), name='decoder_dense_up'),
               tf_keras.layers.Reshape((h // 4, w // 4, f2)),
               bias.Conv2DTranspose(f1, 5, 2, 'same', activation=act,
-                                              kernel_initializer=init(111),
-                                              name='decoder_deconv0')]
+                                   kernel_initializer=init(111), name='decoder_deconv0')]
       out_init = init(200)
-      dec_out = [bias.Conv2DTranspose(out_channels, 5, 2, 'same',
-                                                 kernel_initializer=out_init,
-                                                 name='decoder_out', dtype='float32')]
+      dec_out = [bias.Conv2DTranspose(out_channels, 5, 2, 'same', kernel_initializer=out_init,
+                                      name='decoder_out', dtype='float32')]
 
     self.encoder = tf_keras.Sequential(
         [tf_keras.Input(self.image_shape)] + enc
