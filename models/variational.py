@@ -62,8 +62,9 @@ needs a weight sample.
 Mixed precision: the variables (loc, rho, bias, prior log-scales) are float32 and
 never auto-cast; weights are sampled and the KL computed in float32, and only the
 sampled weights (local reparameterization: loc and scale^2) are cast to the layer's
-`compute_dtype` for the matmul or convolution. Outputs are in the compute dtype;
-the KL is float32.
+`compute_dtype` for the matmul or convolution. The bias is added by
+`models.bias.add_bias`, whose gradient (a sum over the batch and positions) is summed
+in float32. Outputs are in the compute dtype; the KL is float32.
 """
 import math
 
