@@ -79,14 +79,16 @@ class Conv2DTranspose(tf_keras.layers.Conv2DTranspose):
     _check_supported(self, transpose=True)
 
   def call(self, inputs):
-    _, height, width, _ = inputs.shape
+    dynamic = tf.shape(inputs)
+    height, width = (inputs.shape[i] if inputs.shape[i] is not None else dynamic[i]
+                     for i in (1, 2))
     stride_h, stride_w = self.strides
-    out_shape = tf.stack([tf.shape(inputs)[0], height * stride_h, width * stride_w,
-                          self.filters])
+    out_shape = tf.stack([dynamic[0], height * stride_h, width * stride_w, self.filters])
     outputs = tf.nn.conv2d_transpose(inputs, self.kernel, out_shape, self.strides,
                                      padding='SAME')
-    outputs.set_shape([inputs.shape[0], height * stride_h, width * stride_w,
-                       self.filters])
+    static = [d * s if d is not None else None
+              for d, s in zip(inputs.shape[1:3], self.strides)]
+    outputs.set_shape([inputs.shape[0], *static, self.filters])
     if self.use_bias:
       outputs = add_bias(outputs, self.bias)
     return self.activation(outputs)

@@ -69,3 +69,17 @@ def test_conv_layers_refuse_settings_they_do_not_implement():
     bias.Conv2DTranspose(4, 3, dilation_rate=2, padding='same')
   with pytest.raises(ValueError, match='no output_padding'):
     bias.Conv2DTranspose(4, 3, 2, 'same', output_padding=1)
+
+
+@pytest.mark.parametrize('layer_types', [
+    (bias.Conv2D, tf_keras.layers.Conv2D),
+    (bias.Conv2DTranspose, tf_keras.layers.Conv2DTranspose)], ids=['conv', 'deconv'])
+def test_conv_layers_take_images_of_unknown_height_and_width(layer_types):
+  """Traced with height and width unknown, then called on two image sizes."""
+  ours, theirs = _pair(*layer_types, 4, 3, 2, 'same', name='c')
+  theirs(tf.zeros([1, 8, 8, 3]))
+  ours(tf.zeros([1, 8, 8, 3]))
+  traced = tf.function(ours, input_signature=[tf.TensorSpec([None, None, None, 3])])
+  for shape in ([2, 8, 6, 3], [1, 5, 7, 3]):
+    x = tf.random.stateless_normal(shape, [3, 4])
+    np.testing.assert_allclose(traced(x).numpy(), theirs(x).numpy(), rtol=1e-5, atol=1e-5)
