@@ -79,16 +79,13 @@ class Conv2DTranspose(tf_keras.layers.Conv2DTranspose):
     _check_supported(self, transpose=True)
 
   def call(self, inputs):
-    dynamic = tf.shape(inputs)
-    height, width = (inputs.shape[i] if inputs.shape[i] is not None else dynamic[i]
-                     for i in (1, 2))
-    stride_h, stride_w = self.strides
-    out_shape = tf.stack([dynamic[0], height * stride_h, width * stride_w, self.filters])
+    shape = tf.shape(inputs)
+    out_shape = tf.concat([shape[:1], shape[1:3] * self.strides, [self.filters]], 0)
     outputs = tf.nn.conv2d_transpose(inputs, self.kernel, out_shape, self.strides,
                                      padding='SAME')
-    static = [d * s if d is not None else None
-              for d, s in zip(inputs.shape[1:3], self.strides)]
-    outputs.set_shape([inputs.shape[0], *static, self.filters])
+    # The same sizes, statically where the input's are known.
+    sizes = [None if d is None else d * s for d, s in zip(inputs.shape[1:3], self.strides)]
+    outputs.set_shape([inputs.shape[0], *sizes, self.filters])
     if self.use_bias:
       outputs = add_bias(outputs, self.bias)
     return self.activation(outputs)
