@@ -1,4 +1,5 @@
-"""Restores the latest checkpoint and writes the test figures to metrics.json."""
+"""Restores the latest checkpoint and writes the test figures to metrics.json (and,
+for a VAE, every test example's figures to test_per_example.npz)."""
 import json
 import time
 
@@ -24,6 +25,7 @@ def main(argv):
   metrics = controller.evaluate(exp, final=True)
   seconds = time.perf_counter() - started
   controller.pop_images(exp, metrics, None, int(exp.step.numpy()))
+  per_example_path = controller.pop_per_example(exp, metrics, int(exp.step.numpy()))
   metrics.update({'step': int(exp.step.numpy()), 'model': config.model,
                   'dataset': exp.task.name})
   path = controller.write_metrics(config.train.model_dir, metrics)
@@ -31,7 +33,7 @@ def main(argv):
   print(exp.module.summary_line(metrics))
   print(f'Evaluated in {seconds:.1f} s ({config.train.eval_iw_samples} importance samples '
         f'per test example; XLA {"on" if evaluation.uses_xla(exp) else "off"}).')
-  print(f'Wrote {path}')
+  print(f'Wrote {path}' + (f' and {per_example_path}' if per_example_path else ''))
 
 
 def console_main():

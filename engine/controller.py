@@ -20,6 +20,7 @@ from engine import config as config_lib
 from engine import datasets
 from engine import distribute
 from engine import errors
+from engine import evaluation
 from engine import inputs
 from engine import loop as loop_lib
 from engine import precision
@@ -158,6 +159,17 @@ def pop_images(exp, metrics, writers, step):
     summaries.write_png(path, image)
     paths.append(path)
   return paths
+
+
+def pop_per_example(exp, metrics, step):
+  """Writes the metrics' per-example test figures (key 'per_example', from a final
+  evaluation of the task's test set) to model_dir/test_per_example.npz; returns its
+  path, or None when there are none (or this worker is not the chief)."""
+  values = metrics.pop('per_example', None)
+  if values is None or not exp.is_chief:
+    return None
+  return evaluation.write_per_example(exp.config.train.model_dir, values,
+                                      images=exp.task.test_images, step=step)
 
 
 def write_summaries(exp, writers, step):
@@ -395,6 +407,7 @@ def _train(exp, *, log, watcher):
   log(f'Final evaluation on {exp.task.test_images.shape[0]} test examples...')
   metrics = evaluate(exp, final=True)
   image_paths = pop_images(exp, metrics, writers, current)
+  per_example_path = pop_per_example(exp, metrics, current)
   metrics.update({'step': current, 'dataset': exp.task.name, 'model': config.model})
   if timed_steps:
     metrics['train_examples_per_sec'] = timed_steps * t.batch_size / timed_seconds
@@ -406,6 +419,8 @@ def _train(exp, *, log, watcher):
   log(exp.module.summary_line(metrics))
   if image_paths:
     log('Figures: ' + ', '.join(image_paths))
-  log(f'Outputs in {t.model_dir}: checkpoints/, {METRICS_FILE}, TensorBoard events. '
-      f'View with: tensorboard --logdir {t.model_dir}')
+  per_example_note = (f', {os.path.basename(per_example_path)} (compare runs with '
+                      f'bin/compare.py)' if per_example_path else '')
+  log(f'Outputs in {t.model_dir}: checkpoints/, {METRICS_FILE}{per_example_note}, '
+      f'TensorBoard events. View with: tensorboard --logdir {t.model_dir}')
   return metrics

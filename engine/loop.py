@@ -141,29 +141,63 @@ def _compile_per_measure(replica_step):
 
 
 class EvalLoop:
-  """Sums per-example figures over a distributed test set in one compiled call."""
+  """Sums per-example figures over a distributed test set.
 
-  def __init__(self, replica_eval, *, strategy, keys, jit_compile=False):
+  `replica_eval(batch, batch_index)` returns (sums, kept) as
+  `step.make_replica_eval` does. The call returns the totals of the sums named in
+  `keys` and, for each name in `keep`, that figure of every test example, in
+  test-set order, as a numpy array under 'per_example'.
+
+  Without `keep`, the whole test set is one compiled call. With it, one compiled
+  call per batch: a gather of the replicas' figures inside a compiled loop over
+  batches is not safe under MirroredStrategy (the collectives of successive
+  iterations can meet out of order; seen here as a shape mismatch on the last,
+  smaller batch). The totals are then summed over batches in float64 on the host.
+  """
+
+  def __init__(self, replica_eval, *, strategy, keys, keep=(), jit_compile=False):
     self._strategy = strategy
     self._keys = tuple(keys)
+    self._keep = tuple(keep)
     # XLA per replica step; the last batch may be smaller, which compiles once more.
     self._replica_eval = (tf.function(replica_eval, jit_compile=True) if jit_compile
                           else replica_eval)
     self._fn = tf.function(self._run)
+    self._batch_fn = tf.function(self._one_batch, reduce_retracing=True)
 
   def __call__(self, dist_dataset):
-    return self._fn(iter(dist_dataset))
+    if not self._keep:
+      return {k: v.numpy() for k, v in self._fn(iter(dist_dataset)).items()}
+    totals = {k: 0.0 for k in self._keys}
+    parts = {k: [] for k in self._keep}
+    for index, batch in enumerate(dist_dataset):
+      sums, kept = self._batch_fn(batch, tf.constant(index, tf.int64))
+      for k in self._keys:
+        totals[k] += float(sums[k])
+      for k in self._keep:
+        parts[k].append(kept[k].numpy())
+    totals['per_example'] = {k: np.concatenate(v).astype(np.float32)
+                             for k, v in parts.items()}
+    return totals
 
   def _run(self, iterator):
     totals = {k: tf.constant(0.0) for k in self._keys}
     index = tf.constant(0, tf.int64)
     for x in iterator:
-      part = self._strategy.run(self._replica_eval, args=(x, index))
-      totals = {k: totals[k] + self._strategy.reduce(tf.distribute.ReduceOp.SUM, part[k],
+      sums, _ = self._strategy.run(self._replica_eval, args=(x, index))
+      totals = {k: totals[k] + self._strategy.reduce(tf.distribute.ReduceOp.SUM, sums[k],
                                                      axis=None)
                 for k in self._keys}
       index += 1
     return totals
+
+  def _one_batch(self, batch, index):
+    sums, kept = self._strategy.run(self._replica_eval, args=(batch, index))
+    # Replicas (and workers) hold consecutive slices of the global batch; gather
+    # concatenates them in replica order, so examples stay in test-set order.
+    return ({k: self._strategy.reduce(tf.distribute.ReduceOp.SUM, sums[k], axis=None)
+             for k in self._keys},
+            {k: self._strategy.gather(kept[k], axis=0) for k in self._keep})
 
 
 class PredictLoop:

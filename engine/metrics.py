@@ -5,6 +5,7 @@ Inputs are Monte-Carlo predictions, one per weight sample:
                   and integer `labels` [N];
   regression:     Gaussian predictive `means` and `stddevs` [S, N], `targets` [N].
 The predictive distribution is the equal-weight mixture over the S samples.
+`paired_difference` compares two runs' per-example figures on one test set.
 
 Numpy only, except the normal CDF/quantile, taken from TF core (`tf.math.erfc`,
 `tf.math.ndtri`) in float64 because numpy has no vectorised erf. Logs are
@@ -463,3 +464,19 @@ def mixture_mean_and_stddev(means, stddevs) -> Tuple[np.ndarray, np.ndarray]:
   mean = means.mean(axis=0)
   var = np.mean(stddevs ** 2 + means ** 2, axis=0) - mean ** 2
   return mean, np.sqrt(np.maximum(var, 0.0))
+
+
+def paired_difference(a, b) -> Tuple[float, float]:
+  """Mean of b - a over the same examples, and its standard error.
+
+  For two runs scored on the same test examples, the per-example differences vary
+  far less than either run's figures, so this standard error is what tells whether
+  a change bought anything (the two runs' own standard errors overstate it).
+  """
+  a = _array('a', a, 1)
+  b = _array('b', b, 1)
+  if a.shape != b.shape or a.size < 2:
+    raise errors.DataError(
+        f'a {a.shape} and b {b.shape}: need figures of the same examples, at least 2.')
+  d = b - a
+  return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))

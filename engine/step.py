@@ -127,12 +127,17 @@ def measurement_share(value, global_batch_size, num_replicas):
   return objectives.global_batch_mean(value, global_batch_size)
 
 
-def make_replica_eval(term_fn, *, seed):
-  """Returns replica_eval(batch, batch_index) -> dict of per-example sums and squares.
+def make_replica_eval(term_fn, *, seed, keep=()):
+  """Returns replica_eval(batch, batch_index) -> (sums, kept).
 
   Args:
     term_fn: (batch, noise) -> dict of per-example [B] figures.
     seed: run seed; the noise of test batch i is a function of (seed, i, replica).
+    keep: names of figures also returned per example (`kept`, [B] each), for
+      paired comparisons of runs on the same test examples.
+
+  `sums` holds 'count' and, for every figure, its sum and its sum of squares
+  (name + '_sq') over the batch.
   """
 
   def replica_eval(batch, batch_index):
@@ -140,11 +145,11 @@ def make_replica_eval(term_fn, *, seed):
     key = tf.random.experimental.stateless_fold_in(
         inputs.step_seed(seed, batch_index, 0xE7), ctx.replica_id_in_sync_group, alg='philox')
     terms = term_fn(batch, sampling.Noise(key))
-    out = {'count': tf.cast(tf.shape(batch['image'])[0], tf.float32)}
+    sums = {'count': tf.cast(tf.shape(batch['image'])[0], tf.float32)}
     for k, v in terms.items():
-      out[k] = tf.reduce_sum(v)
-      out[k + '_sq'] = tf.reduce_sum(tf.square(v))
-    return out
+      sums[k] = tf.reduce_sum(v)
+      sums[k + '_sq'] = tf.reduce_sum(tf.square(v))
+    return sums, {k: terms[k] for k in keep}
 
   return replica_eval
 

@@ -746,6 +746,9 @@ def evaluate(exp, *, final=True, iw_samples=None, images=None):
       periodic one (`--periodic_eval_iw_samples`).
     iw_samples: overrides the number of importance samples (0: ELBO only).
     images: overrides the test images.
+
+  The final evaluation also returns every test example's figures under
+  'per_example' (see `controller.pop_per_example`).
   """
   t = exp.config.train
   if iw_samples is None:
@@ -758,7 +761,7 @@ def evaluate(exp, *, final=True, iw_samples=None, images=None):
 
   out = evaluation.mean_figures(
       exp, term_fn, model.eval_keys(iw_samples),
-      images=exp.task.test_images if images is None else images)
+      images=exp.task.test_images if images is None else images, per_example=final)
   if 'log_likelihood' in out:
     out['nll'] = -out['log_likelihood']
     out['iw_samples'] = iw_samples

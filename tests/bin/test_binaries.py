@@ -139,6 +139,10 @@ def test_evaluate_and_sample_binaries(trained, tmp_path):
   assert code == 0, stderr[-3000:]
   metrics_path = os.path.join(model_dir, 'metrics.json')
   os.remove(metrics_path)
+  # The training run's per-example figures, kept aside to compare with evaluate's.
+  per_example = os.path.join(model_dir, 'test_per_example.npz')
+  (tmp_path / 'at_training').mkdir()
+  os.replace(per_example, tmp_path / 'at_training' / 'test_per_example.npz')
   output = str(tmp_path / 'grid.png')
   evaluate = _start('bin.evaluate', f'--model_dir={model_dir}', '--eval_iw_samples=6',
                     *COMMON)
@@ -147,7 +151,7 @@ def test_evaluate_and_sample_binaries(trained, tmp_path):
                   '--num_samples=6')
   code, stdout, stderr = _finish(evaluate)
   assert code == 0, stderr[-3000:]
-  assert f'Wrote {metrics_path}' in stdout
+  assert f'Wrote {metrics_path} and {per_example}' in stdout
   with open(metrics_path) as f:
     metrics = json.load(f)
   assert metrics['step'] == 20
@@ -156,6 +160,8 @@ def test_evaluate_and_sample_binaries(trained, tmp_path):
   assert metrics['dataset'] == 'synthetic'
   for key in ('elbo', 'nll', 'log_likelihood_stderr'):
     assert np.isfinite(metrics[key]), key
+  compare = _start('bin.compare', f'--model_dirs={tmp_path / "at_training"},{model_dir}')
+  compare_one = _start('bin.compare', f'--model_dirs={model_dir}')
 
   code, stdout, stderr = _finish(sample)
   assert code == 0, stderr[-3000:]
@@ -166,6 +172,17 @@ def test_evaluate_and_sample_binaries(trained, tmp_path):
   image = tf.io.decode_png(content).numpy()
   assert image.shape == (2 * 28, 3 * 28, 1)  # 6 images in 3 columns, 2 rows
   assert image.dtype == np.uint8 and image.max() > 0
+
+  # bin.compare pairs the two evaluations of one checkpoint on the same 32 examples.
+  code, stdout, stderr = _finish(compare)
+  assert code == 0, stderr[-3000:]
+  assert 'Paired over 32 test examples' in stdout
+  rows = [line for line in stdout.splitlines() if line.startswith(('| /', '| ' + model_dir))]
+  assert len(rows) == 2 and all(' | 20 | ' in row for row in rows), stdout
+  assert f'{metrics["nll"]:.2f}' in rows[1]
+  code, stdout, stderr = _finish(compare_one)
+  assert code == 2 and 'Traceback' not in stderr
+  assert 'give at least two model dirs' in _own_stderr(stderr)
 
 
 def test_evaluate_refuses_incompatible_flags(trained):

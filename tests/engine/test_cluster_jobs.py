@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from engine import evaluation
 from engine import preemption
 from tests import ports
 
@@ -466,7 +467,8 @@ def test_two_workers_agree_and_only_the_chief_writes_the_model_dir(tmp_path, pip
   assert f'checkpoints/ckpt-{steps}.index' in other['worker_files']
 
   assert sorted(p.name for p in model_dir.iterdir()) == [
-      'checkpoints', 'config.json', 'eval', 'metrics.json', 'train']
+      'checkpoints', 'config.json', 'eval', 'metrics.json', 'test_per_example.npz',
+      'train']
   assert sorted(p.name for p in (model_dir / 'checkpoints').iterdir()) == [
       'checkpoint', f'ckpt-{steps}.data-00000-of-00001', f'ckpt-{steps}.index']
   events = [p for sub in ('train', 'eval') for p in (model_dir / sub).iterdir()]
@@ -475,6 +477,10 @@ def test_two_workers_agree_and_only_the_chief_writes_the_model_dir(tmp_path, pip
     assert path.name.split('.')[-3] == str(chief['pid']), path.name
   metrics = json.loads((model_dir / 'metrics.json').read_text())
   assert metrics['step'] == steps
+  # Every test example's figures, gathered from both workers: all 64, the same mean.
+  figures, _, figures_step = evaluation.read_per_example(str(model_dir))
+  assert figures_step == steps and figures['elbo'].shape == (64,)
+  assert figures['elbo'].mean() == pytest.approx(metrics['elbo'], rel=1e-5)
   config = json.loads((model_dir / 'config.json').read_text())
   assert config['train']['model_dir'] == str(model_dir)
   assert _latest_step(model_dir) == steps

@@ -84,6 +84,18 @@ def test_train_writes_metrics_checkpoints_and_events(tmp_path):
   assert on_disk['log_likelihood_stderr'] > 0
   assert on_disk['train_examples_per_sec'] > 0
 
+  # Every test example's figures, in the same evaluation as the means.
+  from engine import evaluation
+  figures, fingerprint, step = evaluation.read_per_example(str(tmp_path))
+  assert step == 40 and sorted(figures) == ['distortion', 'elbo', 'log_likelihood', 'rate']
+  assert all(v.shape == (64,) for v in figures.values())
+  for key in ('elbo', 'log_likelihood', 'rate', 'distortion'):
+    assert figures[key].mean() == pytest.approx(on_disk[key], rel=1e-5, abs=1e-4), key
+  assert figures['elbo'].std(ddof=1) / 8 == pytest.approx(on_disk['elbo_stderr'], rel=1e-3)
+  exp = controller.build(config, tf.distribute.get_strategy(), record_config=False)
+  assert fingerprint == evaluation.test_set_fingerprint(exp.task.test_images)
+  assert any('test_per_example.npz' in line for line in lines)
+
   assert tf.train.latest_checkpoint(str(tmp_path / 'checkpoints')).endswith('ckpt-40')
   assert os.path.exists(tmp_path / 'checkpoints' / 'ckpt-20.index')
   with open(tmp_path / 'config.json') as f:
