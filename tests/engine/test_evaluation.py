@@ -1,14 +1,12 @@
-"""engine/evaluation.py: per-example test figures (order, files) and bin/compare.py."""
+"""engine/evaluation.py: per-example test figures (order, files)."""
 import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from bin import compare
 from engine import errors
 from engine import evaluation
-from engine import metrics
 
 
 def _exp(strategy, *, jit_compile):
@@ -82,46 +80,3 @@ def test_read_per_example_refuses_missing_and_corrupt_files(tmp_path):
   (tmp_path / 'x.npz').rename(tmp_path / evaluation.PER_EXAMPLE_FILE)
   with pytest.raises(errors.DataError, match='one length per test example'):
     evaluation.read_per_example(str(tmp_path))
-
-
-def test_paired_difference():
-  a = np.array([1.0, 2.0, 3.0, 4.0])
-  b = a + np.array([0.5, 0.7, 0.3, 0.5])
-  mean, stderr = metrics.paired_difference(a, b)
-  assert mean == pytest.approx(0.5)
-  # differences 0.5, 0.7, 0.3, 0.5: sample variance 0.08/3, over n = 4
-  assert stderr == pytest.approx(np.sqrt(0.08 / 3 / 4))
-  with pytest.raises(errors.DataError, match='same examples'):
-    metrics.paired_difference(a, b[:3])
-  with pytest.raises(errors.DataError, match='NaN'):
-    metrics.paired_difference(a, np.array([1.0, np.nan, 0.0, 0.0]))
-
-
-def test_compare_prints_paired_differences(tmp_path):
-  rng = np.random.RandomState(1)
-  ll = -230.0 + 10.0 * rng.randn(500)  # examples vary far more than the change
-  shift = 0.3 + 0.1 * rng.randn(500)
-  base = _write(tmp_path, 'base', {'log_likelihood': ll, 'elbo': ll - 2.0})
-  better = _write(tmp_path, 'better', {'log_likelihood': ll + shift, 'elbo': ll - 2.0},
-                  step=20)
-  lines = compare.compare([base, better])
-  assert lines[0].startswith('Paired over 500 test examples')
-  assert lines[2] == '| run | step | NLL | ELBO | NLL diff | ELBO diff |'
-  rows = [line.split(' | ') for line in lines[4:]]
-  assert rows[0][1:4] == ['10', f'{-ll.mean():.2f}', f'{(ll - 2).mean():.2f}']
-  nll_diff, elbo_diff = rows[1][4], rows[1][5].rstrip(' |')
-  mean, stderr = metrics.paired_difference(ll, ll + shift)
-  assert nll_diff == f'{-mean:+.2f} +- {stderr:.2f}'
-  assert float(nll_diff.split()[0]) < -0.25 and stderr < 0.01
-  assert elbo_diff == '+0.00 +- 0.00'
-
-
-def test_compare_refuses_bad_input(tmp_path):
-  a = _write(tmp_path, 'a', {'elbo': np.zeros(3)})
-  b = _write(tmp_path, 'b', {'elbo': np.zeros(3)}, images=np.ones((3, 2, 2, 1), np.float32))
-  with pytest.raises(errors.DataError, match='another test set'):
-    compare.compare([a, b])
-  with pytest.raises(errors.ConfigError, match='at least two'):
-    compare.compare([a])
-  with pytest.raises(errors.DataError, match='not found'):
-    compare.compare([a, str(tmp_path / 'missing')])

@@ -280,3 +280,16 @@ def test_bad_parameters_raise_config_error():
   with pytest.raises(errors.ConfigError, match='method'):
     metrics.gaussian_mixture_interval_coverage(
         np.zeros((1, 1)), np.ones((1, 1)), [0.0], method='exact')
+
+
+def test_paired_difference():
+  a = np.array([1.0, 2.0, 3.0, 4.0])
+  b = a + np.array([0.5, 0.7, 0.3, 0.5])
+  mean, stderr = metrics.paired_difference(a, b)
+  assert mean == pytest.approx(0.5)
+  # differences 0.5, 0.7, 0.3, 0.5: sample variance 0.08/3, over n = 4
+  assert stderr == pytest.approx(np.sqrt(0.08 / 3 / 4))
+  with pytest.raises(errors.DataError, match='same examples'):
+    metrics.paired_difference(a, b[:3])
+  with pytest.raises(errors.DataError, match='NaN'):
+    metrics.paired_difference(a, np.array([1.0, np.nan, 0.0, 0.0]))
