@@ -46,19 +46,11 @@ def test_per_example_figures_come_back_in_test_set_order(request, strategy_name,
                                               rel=1e-4)
 
 
-def _write(tmp_path, name, values, *, images=None, step=10):
-  model_dir = tmp_path / name
-  model_dir.mkdir()
-  images = np.zeros((len(next(iter(values.values()))), 2, 2, 1), np.float32) \
-      if images is None else images
-  evaluation.write_per_example(str(model_dir), values, images=images, step=step)
-  return str(model_dir)
-
-
 def test_per_example_file_round_trip_and_fingerprint(tmp_path):
   values = {'elbo': np.array([-3.0, -4.5, -5.0]), 'log_likelihood': np.array([-2., -4, -4])}
   images = np.random.RandomState(0).rand(3, 2, 2, 1).astype(np.float32)
-  d = _write(tmp_path, 'a', values, images=images, step=7)
+  d = str(tmp_path)
+  evaluation.write_per_example(d, values, images=images, step=7)
   figures, fingerprint, step = evaluation.read_per_example(d)
   assert step == 7 and set(figures) == {'elbo', 'log_likelihood'}
   np.testing.assert_allclose(figures['elbo'], values['elbo'])
