@@ -59,7 +59,8 @@ _VALUE_BEFORE_FIELD_EXISTED = {'train.precision': 'float32', 'train.lr_schedule'
                                'model_options.pixelcnn_logit_window': 0,
                                'model_options.pixelcnn_latent_maps': 0,
                                'model_options.decoder_dropout': 0.0,
-                               'model_options.pixelcnn_maps_rank': 0}
+                               'model_options.pixelcnn_maps_rank': 0,
+                               'model_options.gated_units': False}
 
 
 def _get(d, dotted):

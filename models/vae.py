@@ -21,6 +21,7 @@ from engine import objectives
 from engine import sampling
 from engine import summaries
 from models import bias
+from models import gated as gated_lib
 from models import latent_priors
 from models import made
 from models import pixelcnn
@@ -82,7 +83,12 @@ class VAEConfig:
       of learned pseudo-inputs); see models/latent_priors.py. The learned priors
       have no closed-form KL: they need kl='monte_carlo'.
     prior_components: K, the mixture's components or the VampPrior's pseudo-inputs.
-    activation: nonlinearity of every hidden layer (MLP, conv and MADE).
+    activation: nonlinearity of every hidden layer (MLP, conv and MADE), except
+      gated units.
+    gated_units: the MLP encoder's and factorized decoder's hidden layers are
+      gated linear units, h = (W x + b) * sigmoid(V x + c) (models/gated.py), with
+      no other nonlinearity; --activation still applies to the MADE's and the
+      pixelcnn head's layers. MLP architecture only.
   """
   architecture: str = 'mlp'
   encoder_sizes: Tuple[int, ...] = (512, 256)
@@ -107,6 +113,7 @@ class VAEConfig:
   latent_prior: str = 'normal'
   prior_components: int = 100
   activation: str = 'relu'
+  gated_units: bool = False
 
   def __post_init__(self):
     for name, value, choices in (('architecture', self.architecture, ARCHITECTURES),
@@ -170,6 +177,14 @@ class VAEConfig:
           f'--decoder_dropout={rate} acts on the factorized decoder\'s '
           f'hidden layers; --decoder=autoregressive (the MADE) has none. Use '
           f'--decoder_dropout=0, or --decoder=factorized or pixelcnn.')
+    if not isinstance(self.gated_units, bool):
+      raise errors.ConfigError(
+          f'--gated_units={self.gated_units!r}: must be true or false.')
+    if self.gated_units and self.architecture != 'mlp':
+      raise errors.ConfigError(
+          f'--gated_units gates the MLP networks\' hidden layers; '
+          f'--architecture={self.architecture} has convolutions there. Use '
+          f'--architecture=mlp, or --nogated_units.')
     if self.pixelcnn_logit_window != 0:
       _check_window('pixelcnn_logit_window', self.pixelcnn_logit_window, 5, zero_is_off=True)
     if self.likelihood_scale < 0:
@@ -218,10 +233,13 @@ class _MultivariateNormalTriL(_RegularizeDistributionOnly, tfpl.MultivariateNorm
   pass
 
 
-def _mlp(sizes, name, seed, activation):
-  return [tf_keras.layers.Dense(
-      s, activation=activation, name=f'{name}_dense{i}',
-      kernel_initializer=tf_keras.initializers.GlorotUniform(seed=seed + i))
+def _mlp(sizes, name, seed, activation, gated=False):
+  init = lambda i: tf_keras.initializers.GlorotUniform(seed=seed + i)
+  if gated:
+    return [gated_lib.GatedDense(s, name=f'{name}_gated{i}', kernel_initializer=init(i))
+            for i, s in enumerate(sizes)]
+  return [tf_keras.layers.Dense(s, activation=activation, name=f'{name}_dense{i}',
+                                kernel_initializer=init(i))
           for i, s in enumerate(sizes)]
 
 
@@ -296,8 +314,10 @@ class VAE(tf.Module):
     out_channels = c + config.pixelcnn_latent_maps
     if config.architecture == 'mlp':
       enc = ([tf_keras.layers.Flatten(name='flatten')]
-             + _mlp(config.encoder_sizes, 'encoder', seed * 1000, act))
-      dec = _mlp(config.decoder_sizes, 'decoder', seed * 1000 + 100, act)
+             + _mlp(config.encoder_sizes, 'encoder', seed * 1000, act,
+                    config.gated_units))
+      dec = _mlp(config.decoder_sizes, 'decoder', seed * 1000 + 100, act,
+                 config.gated_units)
       out_init = init(200)
       if config.pixelcnn_maps_rank:
         out = _LowRankMapsOutput(h * w, c, config.pixelcnn_latent_maps,
@@ -629,7 +649,8 @@ def _with_hidden_dropout(decoder, flat_z, z, rate, noise):
   for layer in decoder.layers:
     h = layer(h)
     if layer.name == 'decoder_out' or not isinstance(
-        layer, (tf_keras.layers.Dense, tf_keras.layers.Conv2DTranspose)):
+        layer, (tf_keras.layers.Dense, tf_keras.layers.Conv2DTranspose,
+                gated_lib.GatedDense)):
       continue
     u = noise.uniform(lead + h.shape.as_list()[1:], batch_axis=lead_rank - 1)
     h = sampling.inverted_dropout(h, rate, tf.reshape(u, tf.shape(h)))

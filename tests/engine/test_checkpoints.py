@@ -261,7 +261,8 @@ def test_a_bnn_run_recorded_before_posterior_scale_existed_reads_as_softplus(tmp
     ('pixelcnn_logit_window', 0, 3, 'pixelcnn'),
     ('pixelcnn_latent_maps', 0, 2, 'pixelcnn'),
     ('decoder_dropout', 0.0, 0.1, 'factorized'),
-    ('pixelcnn_maps_rank', 0, 2, 'pixelcnn')])
+    ('pixelcnn_maps_rank', 0, 2, 'pixelcnn'),
+    ('gated_units', False, True, 'factorized')])
 def test_a_vae_run_recorded_before_a_field_existed_reads_as_its_old_value(
     tmp_path, field, before, other, decoder):
   """A config.json without model_options.decoder (or .activation) ran with the

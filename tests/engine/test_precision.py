@@ -23,6 +23,8 @@ VAE_OPTIONS = {
     'vae_conv_full_cov': vae.VAEConfig(architecture='conv', conv_filters=(8, 16),
                                        encoder_sizes=(32,), decoder_sizes=(32,),
                                        latent_dim=3, posterior='full_cov'),
+    'vae_gated': vae.VAEConfig(encoder_sizes=(64,), decoder_sizes=(64,), latent_dim=4,
+                               gated_units=True),
 }
 
 # The pixelcnn decoder: its head computes in the low dtype (its first layer is one
@@ -60,7 +62,8 @@ def test_vae_mixed_loss_is_close_to_float32(name, precision, tmp_path, default_s
     np.testing.assert_array_equal(a.numpy(), b.numpy())
   low = {'mixed_bfloat16': 'bfloat16', 'mixed_float16': 'float16'}[precision]
   computes = {layer.compute_dtype for layer in mix.model.encoder.layers
-              if layer.name.startswith('encoder_dense') or 'conv' in layer.name}
+              if layer.name.startswith(('encoder_dense', 'encoder_gated'))
+              or 'conv' in layer.name}
   assert computes == {low}
   x = tf.constant(mix.task.test_images[:32])
   noise = sampling.Noise(tf.constant([4, 2]))

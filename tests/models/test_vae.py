@@ -398,6 +398,7 @@ def test_iwae_with_50_samples_bounds_the_elbo_from_above():
     dict(posterior='full_cov'),
     dict(posterior='full_cov', kl='regularizer'),
     dict(activation='swish'),
+    dict(gated_units=True),
 ])
 @pytest.mark.parametrize('likelihood', ['gaussian', 'bernoulli'])
 def test_every_trainable_variable_gets_a_gradient(overrides, likelihood):
