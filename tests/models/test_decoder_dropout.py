@@ -32,25 +32,28 @@ def _z(rows, seed=(1, 2)):
   return tf.random.stateless_normal([rows, LATENT], seed=seed)
 
 
-def test_hidden_units_are_dropped_and_the_output_layer_is_not():
+@pytest.mark.parametrize('gated_units', [False, True], ids=['relu', 'gated'])
+def test_hidden_units_are_dropped_and_the_output_layer_is_not(gated_units):
   """With all-ones weights and zero biases, z = 1 gives every hidden unit the value
-  LATENT, and every output the sum of the kept hidden units times 1 / (1 - rate).
-  So the output is an integer multiple of LATENT / (1 - rate), between 0 and 16 of
-  them: dropout of the output layer itself would zero single outputs of a row."""
-  model = _vae(rate=0.25)
+  LATENT (gated units: LATENT * sigmoid(LATENT)), and every output the sum of the
+  kept hidden units times 1 / (1 - rate). So the output is an integer multiple of
+  that value / (1 - rate), between 0 and 16 of them: dropout of the output layer
+  itself would zero single outputs of a row."""
+  model = _vae(rate=0.25, gated_units=gated_units)
   for w in model.decoder.trainable_variables:
     w.assign(tf.ones_like(w) if 'kernel' in w.name else tf.zeros_like(w))
+  unit_value = LATENT / (1.0 + np.exp(-LATENT)) if gated_units else LATENT
   out = model._factorized_logits(tf.ones([64, LATENT]), sampling.Noise([5, 6])).numpy()
-  units = out / (LATENT / 0.75)
+  units = out / (unit_value / 0.75)
   np.testing.assert_allclose(units, np.round(units), atol=1e-4)
-  per_row = units.reshape(64, -1)
+  per_row = np.round(units).reshape(64, -1)
   assert np.all(per_row == per_row[:, :1])  # one count per example: no output dropped
   kept = per_row[:, 0]
   assert kept.min() >= 0 and kept.max() <= 16
   assert abs(kept.mean() / 16 - 0.75) < 0.05  # about 1 - rate of the units are kept
   assert len(set(kept.tolist())) > 1  # masks differ between examples
   whole = model._factorized_logits(tf.ones([1, LATENT])).numpy()
-  np.testing.assert_allclose(whole, 16 * LATENT, rtol=1e-6)
+  np.testing.assert_allclose(whole, 16 * unit_value, rtol=1e-5)
 
 
 def test_the_average_over_masks_is_the_whole_network():
