@@ -31,7 +31,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 128, 'Batch size of the counted step.')
 
 MODELS = {
-    'vae (784-512-256-z32, Bernoulli)': ('vae', vae.VAEConfig()),
+    'vae (784-512-256-z32, relu, Bernoulli)': ('vae', vae.VAEConfig(gated_units=False)),
+    'vae gated (784-512-256-z32, Bernoulli)': ('vae', vae.VAEConfig()),
     'bnn deterministic MLP 784-400-400-10': ('bnn', bnn.BNNConfig(bnn_layer='deterministic')),
     'bnn reparameterization MLP': ('bnn', bnn.BNNConfig(bnn_layer='reparameterization')),
     'bnn flipout MLP': ('bnn', bnn.BNNConfig(bnn_layer='flipout')),

@@ -97,11 +97,12 @@ def define_flags():
   flags.DEFINE_string('activation', 'relu',
                       'VAE hidden-layer nonlinearity (MLP, conv and MADE): relu | elu | '
                       'swish | softplus | tanh (not gated units: see --gated_units).')
-  flags.DEFINE_bool('gated_units', False,
+  flags.DEFINE_bool('gated_units', None,
                     "VAE, --architecture=mlp: the encoder's and factorized decoder's "
                     'hidden layers are gated linear units, (W x + b) * sigmoid(V x + c), '
                     "with no other nonlinearity (--activation still sets the MADE's and "
-                    "the pixelcnn head's).")
+                    "the pixelcnn head's). Unset: on for mlp, off for conv; "
+                    '--nogated_units gives --activation units.')
   flags.DEFINE_integer('prior_components', 100,
                        'Components of --latent_prior=mixture or pseudo-inputs of vamp (> 0).')
   flags.DEFINE_integer('kl_warmup_steps', 0,

@@ -7,7 +7,7 @@ them over the global batch (`engine.objectives.replica_loss`).
 import dataclasses
 import functools
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -88,7 +88,8 @@ class VAEConfig:
     gated_units: the MLP encoder's and factorized decoder's hidden layers are
       gated linear units, h = (W x + b) * sigmoid(V x + c) (models/gated.py), with
       no other nonlinearity; --activation still applies to the MADE's and the
-      pixelcnn head's layers. MLP architecture only.
+      pixelcnn head's layers. MLP architecture only. None (the default) means
+      on for 'mlp' and off for 'conv'; the config holds the resolved bool.
   """
   architecture: str = 'mlp'
   encoder_sizes: Tuple[int, ...] = (512, 256)
@@ -113,9 +114,11 @@ class VAEConfig:
   latent_prior: str = 'normal'
   prior_components: int = 100
   activation: str = 'relu'
-  gated_units: bool = False
+  gated_units: Optional[bool] = None
 
   def __post_init__(self):
+    if self.gated_units is None:
+      object.__setattr__(self, 'gated_units', self.architecture == 'mlp')
     for name, value, choices in (('architecture', self.architecture, ARCHITECTURES),
                                  ('posterior', self.posterior, POSTERIORS),
                                  ('likelihood', self.likelihood, LIKELIHOODS),

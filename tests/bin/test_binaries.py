@@ -63,11 +63,12 @@ def _own_stderr(stderr):
 def trained(tmp_path_factory):
   """A model dir trained for 20 steps by bin.train; (dir, returncode, stdout, stderr).
 
-  Its MLP has gated units, which bin.evaluate and bin.sample, not given the flag,
-  must take from the dir's config.json to restore the checkpoint."""
+  Its MLP has relu units (--nogated_units, not the default), which bin.evaluate and
+  bin.sample, not given the flag, must take from the dir's config.json to restore
+  the checkpoint."""
   model_dir = str(tmp_path_factory.mktemp('bin_train') / 'run')
   code, stdout, stderr = _run('bin.train', f'--model_dir={model_dir}', '--train_steps=20',
-                              '--eval_iw_samples=4', '--gated_units', *COMMON)
+                              '--eval_iw_samples=4', '--nogated_units', *COMMON)
   return model_dir, code, stdout, stderr
 
 
@@ -131,7 +132,7 @@ def test_train_binary(trained):
     recorded = json.load(f)
   assert recorded['model_options']['latent_dim'] == 4
   assert recorded['model_options']['encoder_sizes'] == [32]
-  assert recorded['model_options']['gated_units'] is True
+  assert recorded['model_options']['gated_units'] is False
   assert recorded['train']['jit_compile'] is False
 
 

@@ -1,7 +1,7 @@
 """Tests of the gated dense units (models/gated.py) and the VAE's --gated_units.
 
-What is checked: the layer computes (W x + b) * sigmoid(V x + c) from its one
-kernel's halves (numpy by hand); the gated VAE's MLP hidden layers are those units,
+What is checked: gated units are the MLP's default (off for conv); the layer
+computes (W x + b) * sigmoid(V x + c) from its one kernel's halves (numpy by hand); the gated VAE's MLP hidden layers are those units,
 of the configured widths, and its outputs differ from the relu network's; the flag
 is refused for the conv architecture and for a non-boolean value. Every variable
 getting a gradient, mixed precision, old checkpoints and decoder dropout on gated
@@ -55,11 +55,25 @@ def test_the_gated_vae_has_gated_hidden_layers_of_the_configured_widths():
   assert not isinstance(model.decoder.get_layer('decoder_out'), gated.GatedDense)
   x = tf.constant(np.random.RandomState(2).randint(0, 2, (4,) + SHAPE).astype(np.float32))
   seed = tf.constant([3, 4])
-  relu = _vae()
+  relu = _vae(gated_units=False)
   gated_loss = model.loss_terms(x, seed=seed, kl_weight=1.0)[0].numpy()
   relu_loss = relu.loss_terms(x, seed=seed, kl_weight=1.0)[0].numpy()
   assert np.all(np.isfinite(gated_loss))
   assert not np.allclose(gated_loss, relu_loss)
+
+
+def test_gated_units_are_the_mlp_default_and_off_for_conv():
+  """Unset, gated_units resolves to on for the MLP and off for conv (which refuses
+  it); an explicit value is kept, and config equality sees the resolved value."""
+  assert vae.VAEConfig().gated_units is True
+  assert vae.VAEConfig() == vae.VAEConfig(gated_units=True)
+  assert vae.VAEConfig(gated_units=False).gated_units is False
+  assert vae.VAEConfig(architecture='conv').gated_units is False
+  model = _vae()
+  assert any(isinstance(layer, gated.GatedDense) for layer in model.encoder.layers)
+  relu = _vae(gated_units=False)
+  assert not any(isinstance(layer, gated.GatedDense)
+                 for net in (relu.encoder, relu.decoder) for layer in net.layers)
 
 
 @pytest.mark.parametrize('overrides,message', [
