@@ -14,6 +14,11 @@ set, fixed test binarization) with its standard error over test examples.
 --define=NAME=FIELD:VALUE,... adds a configuration of VAEConfig fields over the
 default VAE; --batch_size and --learning_rate apply to every configuration of a run.
 
+The MLP configurations have gated units, VAEConfig's default since commit 449de02
+(session 23); RESULTS.md's figures from before it ran relu units. To reproduce
+one, add gated_units:False to its --define (for a named config such as vae or
+iwae50, define it again: --define=vae=gated_units:False,kl_warmup_steps:5000).
+
 Long runs survive preemption: on SIGTERM the engine saves a checkpoint and this
 script exits with code 75; rerunning the same command with `--resume` continues
 each configuration from its checkpoint (a fixed `--steps` budget is needed then,

@@ -95,8 +95,8 @@ def define_flags():
                       'VampPrior: a mixture of the posteriors of --prior_components learned '
                       'pseudo-inputs). mixture and vamp need --kl=monte_carlo.')
   flags.DEFINE_string('activation', 'relu',
-                      'VAE hidden-layer nonlinearity (MLP, conv and MADE): relu | elu | '
-                      'swish | softplus | tanh (not gated units: see --gated_units).')
+                      'VAE hidden-layer nonlinearity (conv, MADE, pixelcnn head, and the '
+                      'MLP with --nogated_units): relu | elu | swish | softplus | tanh.')
   flags.DEFINE_bool('gated_units', None,
                     "VAE, --architecture=mlp: the encoder's and factorized decoder's "
                     'hidden layers are gated linear units, (W x + b) * sigmoid(V x + c), '

@@ -61,6 +61,19 @@ _VALUE_BEFORE_FIELD_EXISTED = {'train.precision': 'float32', 'train.lr_schedule'
                                'model_options.decoder_dropout': 0.0,
                                'model_options.pixelcnn_maps_rank': 0,
                                'model_options.gated_units': False}
+# Defaults that changed: a run recorded with the old default, resumed without the
+# flag, now differs in this field; the error says how to resume it.
+# {dotted name: (recorded value, this run's value, what to add to the error)}.
+_DEFAULT_CHANGED = {
+    'model_options.gated_units': (
+        False, True, ' Gated units became the MLP\'s default in session 23 (commit '
+        '449de02); this run has relu units: resume it with --nogated_units.')}
+
+
+def _default_changed_hint(name, before, now):
+  """The hint for a difference that a changed default explains, else ''."""
+  old_default, new_default, hint = _DEFAULT_CHANGED.get(name, (None, None, ''))
+  return hint if (before, now) == (old_default, new_default) else ''
 
 
 def _get(d, dotted):
@@ -154,7 +167,7 @@ def check_and_record_config(model_dir, config_dict, *, write=True, exempt=()):
             f'--model_dir={model_dir} holds a run with {flag}={before!r} ({name}), but '
             f'this run has {flag}={now_value!r}; its checkpoint cannot be continued with '
             f'these flags. Use the same flags to resume, or a new --model_dir to start '
-            f'over.')
+            f'over.' + _default_changed_hint(name, before, now_value))
   if write:
     path = os.path.join(model_dir, CONFIG_FILE)
     os.makedirs(model_dir, exist_ok=True)

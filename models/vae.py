@@ -83,8 +83,8 @@ class VAEConfig:
       of learned pseudo-inputs); see models/latent_priors.py. The learned priors
       have no closed-form KL: they need kl='monte_carlo'.
     prior_components: K, the mixture's components or the VampPrior's pseudo-inputs.
-    activation: nonlinearity of every hidden layer (MLP, conv and MADE), except
-      gated units.
+    activation: nonlinearity of every hidden layer (conv, MADE, the pixelcnn
+      head, and the MLP with gated_units=False); gated units have none.
     gated_units: the MLP encoder's and factorized decoder's hidden layers are
       gated linear units, h = (W x + b) * sigmoid(V x + c) (models/gated.py), with
       no other nonlinearity; --activation still applies to the MADE's and the

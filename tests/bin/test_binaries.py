@@ -204,6 +204,23 @@ def test_evaluate_refuses_incompatible_flags(trained):
   assert 'Traceback' not in stderr
 
 
+def test_train_refuses_to_resume_a_relu_run_without_nogated_units(trained):
+  """The fixture's run has relu units; resumed without the flag, the MLP's default
+  (gated units) differs: bin.train exits 2, says to pass --nogated_units, and the
+  checkpoint stays the latest."""
+  model_dir, code, _, stderr = trained
+  assert code == 0, stderr[-3000:]
+  code, _, stderr = _run('bin.train', f'--model_dir={model_dir}', '--train_steps=30',
+                         '--eval_iw_samples=4', *COMMON)
+  assert code == 2
+  own = _own_stderr(stderr)
+  assert own.startswith('error:'), stderr[-3000:]
+  assert 'gated_units=False' in own and 'resume it with --nogated_units' in own
+  assert 'Traceback' not in stderr
+  latest = tf.train.latest_checkpoint(os.path.join(model_dir, 'checkpoints'))
+  assert latest.endswith('ckpt-20')
+
+
 @pytest.mark.parametrize('case,expected', [
     ('batch_size', 'error: --batch_size=0'),
     ('posterior', "error: --posterior='foo' is not known"),

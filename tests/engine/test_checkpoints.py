@@ -284,8 +284,10 @@ def test_a_vae_run_recorded_before_a_field_existed_reads_as_its_old_value(
   config = _config(tmp_path, train_steps=100, decoder=decoder, **extra)
   config = dataclasses.replace(config, model_options=dataclasses.replace(
       config.model_options, **{field: other}))
-  with pytest.raises(errors.CheckpointError, match=f"{field}={before!r}"):
+  with pytest.raises(errors.CheckpointError, match=f"{field}={before!r}") as info:
     _build(config)
+  # A default that changed: the error says which flag resumes the old run.
+  assert ('--nogated_units' in str(info.value)) == (field == 'gated_units')
 
 
 # Corrupt or partial checkpoints: fall back to the previous one, never a half restore.
