@@ -190,18 +190,25 @@ def test_evaluate_and_sample_binaries(trained, tmp_path):
   assert 'give at least two model dirs' in _own_stderr(stderr)
 
 
+def _refused(module, *args):
+  """Runs a binary that must refuse its input: exit 2, `error: ...`, no traceback.
+  Returns its own stderr."""
+  code, _, stderr = _run(module, *args)
+  assert code == 2, stderr[-3000:]
+  assert 'Traceback' not in stderr
+  own = _own_stderr(stderr)
+  assert own.startswith('error:'), stderr[-3000:]
+  return own
+
+
 def test_evaluate_refuses_incompatible_flags(trained):
   """bin.evaluate with another latent_dim exits 2 naming the field, no traceback."""
   model_dir, code, _, stderr = trained
   assert code == 0, stderr[-3000:]
   flags = [f for f in COMMON if not f.startswith('--latent_dim')]
-  code, _, stderr = _run('bin.evaluate', f'--model_dir={model_dir}', '--latent_dim=5',
-                         '--eval_iw_samples=2', *flags)
-  assert code == 2
-  own = _own_stderr(stderr)
-  assert own.startswith('error:'), stderr[-3000:]
+  own = _refused('bin.evaluate', f'--model_dir={model_dir}', '--latent_dim=5',
+                 '--eval_iw_samples=2', *flags)
   assert 'latent_dim=4' in own and 'latent_dim=5' in own
-  assert 'Traceback' not in stderr
 
 
 def test_train_refuses_to_resume_a_relu_run_without_nogated_units(trained):
@@ -210,13 +217,9 @@ def test_train_refuses_to_resume_a_relu_run_without_nogated_units(trained):
   checkpoint stays the latest."""
   model_dir, code, _, stderr = trained
   assert code == 0, stderr[-3000:]
-  code, _, stderr = _run('bin.train', f'--model_dir={model_dir}', '--train_steps=30',
-                         '--eval_iw_samples=4', *COMMON)
-  assert code == 2
-  own = _own_stderr(stderr)
-  assert own.startswith('error:'), stderr[-3000:]
+  own = _refused('bin.train', f'--model_dir={model_dir}', '--train_steps=30',
+                 '--eval_iw_samples=4', *COMMON)
   assert 'gated_units=False' in own and 'resume it with --nogated_units' in own
-  assert 'Traceback' not in stderr
   latest = tf.train.latest_checkpoint(os.path.join(model_dir, 'checkpoints'))
   assert latest.endswith('ckpt-20')
 
