@@ -407,12 +407,17 @@ def cleanup_worker_dir(path, strategy):
   return True
 
 
+def is_default(strategy):
+  """Whether `strategy` is TF's default strategy (no distribution)."""
+  return type(strategy).__name__ == '_DefaultDistributionStrategy'
+
+
 def describe(strategy):
   """A one-line description of `strategy` for logs."""
   kind = type(strategy).__name__
   if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
     kind = 'MultiWorkerMirroredStrategy'  # Its class is named CollectiveAllReduceStrategy.
-  if kind == '_DefaultDistributionStrategy':
+  if is_default(strategy):
     return 'default strategy (no distribution)'
   replicas = strategy.num_replicas_in_sync
   devices = strategy.extended.worker_devices

@@ -7,6 +7,7 @@ step. `num_steps` must be a Tensor: a Python int would retrace for every value.
 import numpy as np
 import tensorflow as tf
 
+from engine import distribute
 from engine import preemption
 
 
@@ -59,7 +60,14 @@ class TrainLoop:
     self._keys = tuple(measurement_keys)
     self._input = train_input
     if jit_compile:
-      replica_step = _compile_per_measure(replica_step)
+      # A strategy's all-reduce (a merge_call) may not run inside a tf.cond's
+      # branch: the two-program choice is for the default strategy only. Under
+      # the others one program decides `measure` inside XLA (it costs copies of the
+      # gradients; see _compile_per_measure).
+      if distribute.is_default(strategy):
+        replica_step = _compile_per_measure(replica_step)
+      else:
+        replica_step = tf.function(replica_step, jit_compile=True)
       if shared_noise_fn is not None:
         shared_noise_fn = tf.function(shared_noise_fn, jit_compile=True)
     if after_step is not None and jit_compile:
