@@ -99,31 +99,19 @@ def test_single_steps_equal_one_call(tmp_path, default_strategy):
 
 
 @pytest.mark.parametrize('calls', [(3, 1), (1, 4)])
-def test_gradient_norm_under_xla_matches_the_plain_step(tmp_path, default_strategy, calls):
+@pytest.mark.parametrize('strategy_kind', ['default', 'mirrored_one_device'])
+def test_gradient_norm_under_xla_matches_the_plain_step(tmp_path, default_strategy, calls,
+                                                        strategy_kind):
   """Under XLA the last step of a call runs the program that measures the gradient
   norm (the others run one that does not): every figure, the norm included,
-  matches the loop without XLA (where a tf.cond decides inside the step)."""
-  runs = []
-  for jit in (True, False):
-    config = _config(tmp_path / str(jit))
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train,
-                                                                   jit_compile=jit))
-    exp = controller.build(config, default_strategy)
-    train_loop, iterator = controller.make_train_loop(exp)
-    runs.append([_call(train_loop, iterator, n) for n in calls])
-  for n, (m_jit, *rest_jit), (m_plain, *rest_plain) in zip(calls, *runs):
-    assert rest_jit == rest_plain == [n, -1]
-    assert m_jit['grad_norm'] > 0.0
-    for key in m_plain:
-      assert m_jit[key] == pytest.approx(m_plain[key], rel=1e-4), key
+  matches the loop without XLA (where a tf.cond decides inside the step).
 
-
-def test_xla_loop_under_mirrored_strategy_matches_the_plain_step(tmp_path):
-  """Under MirroredStrategy (one device: XLA over several logical CPUs is not
-  supported) the XLA loop runs, the gradient's all-reduce included, and its
-  figures match the loop without XLA. The default strategy's two-program choice
-  (a tf.cond around the step) would fail here: a merge_call inside a cond."""
-  strategy = tf.distribute.MirroredStrategy(['/cpu:0'])
+  Under MirroredStrategy (one device: XLA over several logical CPUs is not
+  supported) the XLA step is one program, the gradient's all-reduce inside it: the
+  default strategy's two programs chosen by a tf.cond would fail there (a
+  merge_call inside a cond branch)."""
+  strategy = (default_strategy if strategy_kind == 'default'
+              else tf.distribute.MirroredStrategy(['/cpu:0']))
   runs = []
   for jit in (True, False):
     config = _config(tmp_path / str(jit))
@@ -131,12 +119,12 @@ def test_xla_loop_under_mirrored_strategy_matches_the_plain_step(tmp_path):
                                                                    jit_compile=jit))
     exp = controller.build(config, strategy)
     train_loop, iterator = controller.make_train_loop(exp)
-    runs.append(_call(train_loop, iterator, 3))
-  (m_jit, *rest_jit), (m_plain, *rest_plain) = runs
-  assert rest_jit == rest_plain == [3, -1]
-  assert m_jit['grad_norm'] > 0.0
-  for key in m_plain:
-    assert m_jit[key] == pytest.approx(m_plain[key], rel=1e-4), key
+    runs.append([_call(train_loop, iterator, n) for n in calls])
+  for n, (m_jit, *rest_jit), (m_plain, *rest_plain) in zip(calls, *runs):
+    assert rest_jit == rest_plain == [n, -1]
+    assert m_jit['grad_norm'] > 0.0
+    for key in m_plain:
+      assert m_jit[key] == pytest.approx(m_plain[key], rel=1e-4), key
 
 
 def test_nan_kernel_stops_at_that_step(tmp_path, default_strategy):
