@@ -220,8 +220,8 @@ def jit_compile(exp):
   the model declares that its step trains faster without it on CPU
   (`trains_faster_without_xla_on_cpu`, e.g. the pixelcnn VAE: 1.25-1.5x on CPU,
   benchmarks/RESULTS.md, session 16) and the machine has no GPU. Never where the
-  strategy cannot run per-replica XLA (several logical CPU devices in one process;
-  see distribute.supports_per_replica_jit).
+  strategy cannot run per-replica XLA (several replicas on CPU; see
+  distribute.supports_per_replica_jit).
   """
   wanted = exp.config.train.jit_compile
   if wanted is None:
@@ -328,8 +328,8 @@ def _train(exp, *, log, watcher):
       f'on {strategy.num_replicas_in_sync} replica(s), {t.steps_per_loop} steps per call, '
       f'XLA {"on" if jit_compile(exp) else "off"}; model dir {t.model_dir}')
   if t.jit_compile is not False and not distribute.supports_per_replica_jit(strategy):
-    log('Note: XLA is off: per-replica XLA does not work with several logical CPU '
-        'devices in one process (it does on GPUs).')
+    log('Note: XLA is off: XLA cannot compile the all-reduce of several replicas on '
+        'CPU (logical CPU devices, or workers without GPUs); it can on GPUs.')
   elif t.jit_compile is None and _plain_step_is_faster(exp):
     log('Note: the training step runs without XLA: this model trains faster so on a '
         'CPU (the evaluation still uses XLA). --jit_compile forces it on.')

@@ -98,10 +98,14 @@ def make_strategy(name='default', *, num_cpu_devices=0, port=None):
 def supports_per_replica_jit(strategy):
   """Whether each replica's step may be compiled with XLA under this strategy.
 
-  Not with several logical CPU devices in one process: XLA then places every
-  replica's compiled step on CPU:0 and fails reading CPU:1's variables ("Trying to
-  access resource ... located in device CPU:1 from device CPU:0", TF 2.21). GPUs and
-  one device per process (default, one_device, multi-worker CPU) are fine.
+  Not with several replicas on CPU: the step holds the gradients' all-reduce, which
+  XLA cannot compile there (TF 2.21). Over several logical CPU devices in one
+  process XLA places every replica's step on CPU:0 and fails reading CPU:1's
+  variables ("Trying to access resource ... located in device CPU:1 from device
+  CPU:0"); across workers on CPU it refuses the collective ("Only compiling
+  NCCL/auto collective is supported, got: ring"; with AUTO, "Collectives are not
+  yet implemented for CPU devices when compiling with XLA"). One replica (default,
+  one_device) and GPUs (NCCL) are fine.
   """
   if strategy.num_replicas_in_sync == 1:
     return True
@@ -109,8 +113,7 @@ def supports_per_replica_jit(strategy):
     devices = strategy.extended.worker_devices
   except RuntimeError:  # the default strategy has no device list
     return True
-  local_cpus = [d for d in devices if 'CPU' in d.upper()]
-  return len(local_cpus) <= 1
+  return not any('CPU' in d.upper() for d in devices)
 
 
 def check_global_batch(strategy, global_batch_size):

@@ -350,7 +350,7 @@ _DRIVER = textwrap.dedent('''\
     from engine import config as config_lib
     from engine import controller
 
-    model_dir, steps, pipeline = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    model_dir, steps, pipeline, compiler = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     seen = {}
 
     build = controller.build
@@ -380,7 +380,7 @@ _DRIVER = textwrap.dedent('''\
                                    synthetic_test_size=64, input_pipeline=pipeline),
         train=config_lib.TrainConfig(
             model_dir=model_dir, train_steps=steps, batch_size=32, steps_per_loop=10,
-            checkpoint_every=steps, eval_every=steps, jit_compile=False,
+            checkpoint_every=steps, eval_every=steps, jit_compile=compiler == 'xla',
             eval_batch_size=32, eval_iw_samples=0, num_summary_images=4))
     metrics = controller.train(config, strategy)
     exp = seen['exp']
@@ -400,7 +400,7 @@ _DRIVER = textwrap.dedent('''\
 
 
 
-def _run_workers(script, model_dir, steps, pipeline, tmp_path):
+def _run_workers(script, model_dir, steps, pipeline, compiler, tmp_path):
   """Runs the driver as workers 0 and 1, each with its own TMPDIR; kills both on a
   timeout (MWMS swallows SIGTERM). Returns [(returncode, stdout, stderr)]."""
   workers = [f'127.0.0.1:{p}' for p in ports.free_ports(2)]
@@ -412,7 +412,8 @@ def _run_workers(script, model_dir, steps, pipeline, tmp_path):
       tf_config = json.dumps({'cluster': {'worker': workers},
                               'task': {'type': 'worker', 'index': index}})
       procs.append(subprocess.Popen(
-          [sys.executable, str(script), str(model_dir), str(steps), pipeline], cwd=ROOT,
+          [sys.executable, str(script), str(model_dir), str(steps), pipeline, compiler],
+          cwd=ROOT,
           env=_env(TF_CONFIG=tf_config, TMPDIR=str(tmp)), stdout=subprocess.PIPE,
           stderr=subprocess.PIPE, text=True))
     deadline = time.monotonic() + TIMEOUT
@@ -429,10 +430,13 @@ def _run_workers(script, model_dir, steps, pipeline, tmp_path):
     _kill(procs)
 
 
-@pytest.mark.parametrize('pipeline', ['tf_data', 'in_memory'])
-def test_two_workers_agree_and_only_the_chief_writes_the_model_dir(tmp_path, pipeline):
+@pytest.mark.parametrize('pipeline,compiler', [('tf_data', 'plain'), ('in_memory', 'plain'),
+                                               ('in_memory', 'xla')])
+def test_two_workers_agree_and_only_the_chief_writes_the_model_dir(tmp_path, pipeline,
+                                                                   compiler):
   """Two MWMS workers run controller.train on a shared model dir: both exit 0 with
-  bit-identical weights; exactly one is chief and only it wrote metrics.json; the
+  bit-identical weights (also when asked for XLA, which cannot compile the
+  all-reduce of workers on CPU: the engine switches it off, with a note); exactly one is chief and only it wrote metrics.json; the
   model dir holds only the chief's files (its event files, config.json,
   metrics.json, ckpt-<T>); the non-chief saved its checkpoint into its own
   'worker1-' temp dir, which is gone at the end."""
@@ -441,7 +445,7 @@ def test_two_workers_agree_and_only_the_chief_writes_the_model_dir(tmp_path, pip
   model_dir = tmp_path / 'model'
   steps = 20
   for attempt in range(2):  # a port found free may be taken before a worker binds it
-    runs = _run_workers(script, model_dir, steps, pipeline, tmp_path)
+    runs = _run_workers(script, model_dir, steps, pipeline, compiler, tmp_path)
     if attempt == 0 and any(code and 'cannot listen on' in err for code, _, err in runs):
       continue
     break
@@ -451,6 +455,11 @@ def test_two_workers_agree_and_only_the_chief_writes_the_model_dir(tmp_path, pip
                              if line.startswith('RESULT '))) for _, out, _ in runs]
 
   assert [r['replicas'] for r in results] == [2, 2]
+  # The chief's (worker 0's) log: the step ran without XLA, and why when asked for it.
+  chief_log = runs[0][1] + runs[0][2]
+  assert 'XLA off' in chief_log
+  assert ('Note: XLA is off: XLA cannot compile the all-reduce' in chief_log) == (
+      compiler == 'xla')
   assert [r['step'] for r in results] == [steps, steps]
   assert [r['metrics_step'] for r in results] == [steps, steps]
   assert results[0]['num_variables'] >= 4
