@@ -257,30 +257,54 @@ def model_options(options_cls):
   return options_cls(**values)
 
 
+def _recorded_model_fields(name):
+  """The option names of the recorded model, or none when it is not a known model
+  (the record's `model` is then refused by name when the config is built)."""
+  import models  # after flag parsing: imports TensorFlow
+  try:
+    return {field.name for field in dataclasses.fields(models.get(name).Config)}
+  except errors.ElboEngineError:
+    return set()
+
+
 def adopt_recorded_config():
   """Flags not given on the command line take the values recorded in
-  MODEL_DIR/config.json (for bin/evaluate.py and bin/sample.py).
+  MODEL_DIR/config.json.
 
-  A checkpoint is then evaluated with the flags it was trained with, without
-  repeating them; a flag given explicitly still wins, and one that makes the model
-  another (e.g. --latent_dim) is refused by `controller.build`, naming it. Returns
-  the path read, or None when the dir records no run.
+  bin/evaluate.py and bin/sample.py then restore a checkpoint with the flags it was
+  trained with, without repeating them, and bin/train.py resumes a run with them, so
+  a default changed since the run was recorded (e.g. --gated_units in session 23)
+  does not change the run. A flag given explicitly still wins, and one that makes
+  the model another (e.g. --latent_dim) is refused by `controller.build`, naming it.
+
+  Returns:
+    (the path read, {flag name: recorded value} for every flag whose value the
+    record changed), or (None, {}) when the dir records no run.
   """
   from engine import checkpoints  # after flag parsing: imports TensorFlow
   recorded = checkpoints.read_recorded_config(FLAGS.model_dir)
   if recorded is None:
-    return None
+    return None, {}
+  # A record older than a field holds the value the run had then (e.g. relu units
+  # before --gated_units existed), not today's default.
+  model_fields = _recorded_model_fields(recorded.get('model'))
+  recorded = checkpoints.with_fields_added_later(
+      recorded, lambda dotted: not dotted.startswith('model_options.')
+      or dotted.split('.', 1)[1] in model_fields)
   values = {'model': recorded.get('model')}
   for section in ('model_options', 'data', 'train'):
     values.update(recorded.get(section) or {})
+  changed = {}
   for name, value in values.items():
     if name == 'model_dir' or name not in FLAGS or FLAGS[name].present:
       continue
     if isinstance(FLAGS[name].parser, flags.ListParser):
       value = [] if value is None else [str(v) for v in value]
+    if FLAGS[name].value != value:
+      changed[name] = value
     # The config dataclasses validate the value, as they do a typed flag's.
     setattr(FLAGS, name, value)
-  return os.path.join(FLAGS.model_dir, checkpoints.CONFIG_FILE)
+  return os.path.join(FLAGS.model_dir, checkpoints.CONFIG_FILE), changed
 
 
 def experiment_config():

@@ -91,18 +91,19 @@ def _parent(d, dotted):
   return (d if isinstance(d, dict) else None), leaf
 
 
-def _with_fields_added_later(old, now):
-  """A copy of the recorded config `old` in which each field of
-  _VALUE_BEFORE_FIELD_EXISTED that it lacks, and this run's config `now` has, holds
-  the value the recorded run ran with."""
-  old = copy.deepcopy(old)
+def with_fields_added_later(recorded, applies):
+  """A copy of the recorded config dict in which each field of
+  _VALUE_BEFORE_FIELD_EXISTED that it lacks holds the value the recorded run ran
+  with, where `applies(dotted name)` says the field belongs to the run's model (a
+  VAE's model_options never have the BNN's posterior_scale)."""
+  recorded = copy.deepcopy(recorded)
   for dotted, value in _VALUE_BEFORE_FIELD_EXISTED.items():
-    if _get(now, dotted) == {}:
+    if not applies(dotted):
       continue
-    d, leaf = _parent(old, dotted)
+    d, leaf = _parent(recorded, dotted)
     if d is not None and leaf not in d:
       d[leaf] = value
-  return old
+  return recorded
 
 
 def _first_difference(before, now, prefix):
@@ -156,7 +157,8 @@ def check_and_record_config(model_dir, config_dict, *, write=True, exempt=()):
   """
   old = read_recorded_config(model_dir)
   if old is not None:
-    old = _without(_with_fields_added_later(old, config_dict), exempt)
+    old = _without(with_fields_added_later(
+        old, lambda dotted: _get(config_dict, dotted) != {}), exempt)
     now = _without(config_dict, exempt)
     for field in _INCOMPATIBLE:
       diff = _first_difference(_get(old, field), _get(now, field), field)

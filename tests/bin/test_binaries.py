@@ -7,6 +7,7 @@ the error cases run in parallel.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -211,14 +212,39 @@ def test_evaluate_refuses_incompatible_flags(trained):
   assert 'latent_dim=4' in own and 'latent_dim=5' in own
 
 
-def test_train_refuses_to_resume_a_relu_run_without_nogated_units(trained):
-  """The fixture's run has relu units; resumed without the flag, the MLP's default
-  (gated units) differs: bin.train exits 2, says to pass --nogated_units, and the
-  checkpoint stays the latest."""
+def test_train_resumes_with_the_recorded_flags(trained, tmp_path):
+  """Rerun with only --model_dir and a later --train_steps, bin.train continues the
+  run with the flags recorded in config.json: relu units although gated units are
+  the MLP's default now, the fixture's sizes and synthetic data. It says which
+  recorded values differ from the defaults, and trains to step 30."""
+  model_dir, code, _, stderr = trained
+  assert code == 0, stderr[-3000:]
+  copy = str(tmp_path / 'run')
+  shutil.copytree(model_dir, copy)
+  code, stdout, stderr = _run('bin.train', f'--model_dir={copy}', '--train_steps=30')
+  assert code == 0, stderr[-3000:]
+  line = next(line for line in stdout.splitlines() if line.startswith('Continuing'))
+  assert f'recorded in {os.path.join(copy, "config.json")}' in line
+  for taken in ('--gated_units=False', '--latent_dim=4', '--encoder_sizes=32',
+                '--dataset=synthetic', '--jit_compile=False'):
+    assert taken in line, line
+  assert '--train_steps' not in line  # given on the command line: it wins
+  assert re.search(r'step +30/30', stdout)
+  assert tf.train.latest_checkpoint(os.path.join(copy, 'checkpoints')).endswith('ckpt-30')
+  with open(os.path.join(copy, 'config.json')) as f:
+    recorded = json.load(f)
+  assert recorded['model_options']['gated_units'] is False
+  assert recorded['train']['train_steps'] == 30
+
+
+def test_train_refuses_an_explicit_flag_that_changes_the_model(trained):
+  """An explicit --gated_units on the fixture's relu run is refused (exit 2): the
+  message names the field, says to resume with --nogated_units (the default that
+  changed in session 23), and the checkpoint stays the latest."""
   model_dir, code, _, stderr = trained
   assert code == 0, stderr[-3000:]
   own = _refused('bin.train', f'--model_dir={model_dir}', '--train_steps=30',
-                 '--eval_iw_samples=4', *COMMON)
+                 '--gated_units')
   assert 'gated_units=False' in own and 'resume it with --nogated_units' in own
   latest = tf.train.latest_checkpoint(os.path.join(model_dir, 'checkpoints'))
   assert latest.endswith('ckpt-20')

@@ -1,6 +1,7 @@
-"""bin/flags.py in process: bin/evaluate.py and bin/sample.py take the flags they are
-not given from the config recorded in --model_dir."""
+"""bin/flags.py in process: bin/train.py, bin/evaluate.py and bin/sample.py take the
+flags they are not given from the config recorded in --model_dir."""
 import dataclasses
+import json
 
 from absl.testing import flagsaver
 
@@ -32,8 +33,14 @@ def test_unset_flags_take_the_recorded_values(parsed_flags, tmp_path):
   _record(tmp_path, recorded)
   with flagsaver.flagsaver():
     parsed_flags(['evaluate', f'--model_dir={tmp_path}', '--eval_iw_samples=2000'])
-    assert flag_lib.adopt_recorded_config() == str(tmp_path / checkpoints.CONFIG_FILE)
+    path, changed = flag_lib.adopt_recorded_config()
     config = flag_lib.experiment_config()
+  assert path == str(tmp_path / checkpoints.CONFIG_FILE)
+  # What the record changed, as the flags hold it; not the flag given, nor a
+  # recorded value equal to the default.
+  assert changed['encoder_sizes'] == ['32', '16'] and changed['latent_dim'] == 4
+  assert changed['posterior'] == 'full_cov' and changed['profile_steps'] == ['2', '4']
+  assert 'eval_iw_samples' not in changed and 'model' not in changed
   assert config.model == 'vae'
   assert config.model_options == recorded.model_options
   assert config.data == recorded.data
@@ -57,10 +64,47 @@ def test_the_model_name_comes_from_the_record(parsed_flags, tmp_path):
                                                      num_mc_samples=50)
 
 
+def _record_without(parsed_flags, model_dir, args, *fields):
+  """Records the config that the binaries' flags ARGS build, as a run made before
+  `fields` of its model_options existed."""
+  with flagsaver.flagsaver():
+    parsed_flags(['train', f'--model_dir={model_dir}', *args])
+    _record(model_dir, flag_lib.experiment_config())
+  path = model_dir / checkpoints.CONFIG_FILE
+  recorded = json.loads(path.read_text())
+  for field in fields:
+    del recorded['model_options'][field]
+  path.write_text(json.dumps(recorded))
+
+
+def test_a_record_older_than_a_field_takes_the_value_it_ran_with(parsed_flags, tmp_path):
+  """A VAE recorded before --gated_units existed had relu units: the flag takes False
+  (not today's default, gated), reported as a change; --pixelcnn_maps_rank takes 0,
+  its default, so it is not reported. A BNN record is not given the VAE's field."""
+  _record_without(parsed_flags, tmp_path / 'vae', ['--nogated_units'], 'gated_units',
+                  'pixelcnn_maps_rank')
+  with flagsaver.flagsaver():
+    parsed_flags(['train', f'--model_dir={tmp_path / "vae"}'])
+    _, changed = flag_lib.adopt_recorded_config()
+    config = flag_lib.experiment_config()
+  assert changed == {'gated_units': False}
+  assert config.model_options.gated_units is False
+  assert config.model_options.pixelcnn_maps_rank == 0
+
+  _record_without(parsed_flags, tmp_path / 'bnn', ['--model=bnn'], 'posterior_scale')
+  with flagsaver.flagsaver():
+    parsed_flags(['train', f'--model_dir={tmp_path / "bnn"}'])
+    _, changed = flag_lib.adopt_recorded_config()
+    assert flag_lib.FLAGS.gated_units is None
+    config = flag_lib.experiment_config()
+  assert changed == {'model': 'bnn'}
+  assert config.model_options.posterior_scale == 'softplus'
+
+
 def test_a_dir_without_a_record_leaves_the_flags(parsed_flags, tmp_path):
   with flagsaver.flagsaver():
     parsed_flags(['evaluate', f'--model_dir={tmp_path}', '--latent_dim=7'])
-    assert flag_lib.adopt_recorded_config() is None
+    assert flag_lib.adopt_recorded_config() == (None, {})
     config = flag_lib.experiment_config()
   assert config.model_options == vae.VAEConfig(latent_dim=7)
 
