@@ -2,7 +2,7 @@
 --model_dirs=BASELINE,OTHER[,...]`.
 
 Reads each model dir's test_per_example.npz (written by the final evaluation of
-bin/train.py and by bin/evaluate.py) and prints every run's test figures and, for
+bin/train.py and by bin/evaluate.py, for a VAE or a BNN) and prints every run's test figures and, for
 each run after the first, its difference from the first with the standard error of
 the per-example differences. Runs scored on different test sets (other data, other
 test binarization) are refused.
@@ -15,9 +15,13 @@ from engine import errors
 
 flags.DEFINE_list('model_dirs', None, 'Model dirs to compare, the baseline first (>= 2).')
 
-# (figure in the file, column name, sign): NLL is the negated log-likelihood.
-_COLUMNS = (('log_likelihood', 'NLL', -1.0), ('elbo', 'ELBO', 1.0),
-            ('rate', 'rate', 1.0), ('distortion', 'distortion', 1.0))
+# (figure in the file, column name, sign, decimals): a VAE's NLL is its negated
+# log-likelihood in nats per image; a BNN's figures are per test example (its
+# accuracy is the mean of 'correct', 1 or 0).
+_COLUMNS = (('log_likelihood', 'NLL', -1.0, 2), ('elbo', 'ELBO', 1.0, 2),
+            ('rate', 'rate', 1.0, 2), ('distortion', 'distortion', 1.0, 2),
+            ('nll', 'NLL', 1.0, 4), ('correct', 'accuracy', 1.0, 4),
+            ('brier', 'Brier', 1.0, 4), ('squared_error', 'squared error', 1.0, 3))
 
 
 def compare(model_dirs):
@@ -43,19 +47,19 @@ def compare(model_dirs):
   lines = [f'Paired over {n:,} test examples (test set {base_print}); differences '
            f'are against {base_dir}, +- one standard error of the per-example '
            f'differences.', '']
-  header = ['run', 'step'] + [name for _, name, _ in columns] + [
-      f'{name} diff' for _, name, _ in columns]
+  header = ['run', 'step'] + [name for _, name, _, _ in columns] + [
+      f'{name} diff' for _, name, _, _ in columns]
   lines.append('| ' + ' | '.join(header) + ' |')
   lines.append('|' + ' --- |' * len(header))
   for i, (d, figures, _, step) in enumerate(runs):
-    means = [f'{sign * figures[key].mean():.2f}' for key, _, sign in columns]
+    means = [f'{sign * figures[key].mean():.{digits}f}' for key, _, sign, digits in columns]
     if i == 0:
       diffs = ['' for _ in columns]
     else:
       diffs = []
-      for key, _, sign in columns:
+      for key, _, sign, digits in columns:
         mean, stderr = metrics.paired_difference(base[key], figures[key])
-        diffs.append(f'{sign * mean:+.2f} +- {stderr:.2f}')
+        diffs.append(f'{sign * mean:+.{digits}f} +- {stderr:.{digits}f}')
     lines.append('| ' + ' | '.join([d, str(step)] + means + diffs) + ' |')
   return lines
 

@@ -122,7 +122,7 @@ def read_per_example(model_dir):
   path = os.path.join(model_dir, PER_EXAMPLE_FILE)
   if not os.path.isfile(path):
     raise errors.DataError(
-        f'{path}: not found. A VAE run\'s final evaluation writes it; for a run '
+        f'{path}: not found. A run\'s final evaluation writes it; for a run '
         f'trained before the engine wrote it, evaluate again with: bin/evaluate.py '
         f'--model_dir={model_dir}')
   try:

@@ -146,32 +146,44 @@ def predictive_summary(probs) -> Dict[str, np.ndarray]:
   }
 
 
+def correct_per_example(mean_probs, labels) -> np.ndarray:
+  """1.0 for each example whose argmax class (first one on ties) is the label, else 0.0."""
+  mean_probs, labels = _classification(mean_probs, labels)
+  return (np.argmax(mean_probs, axis=1) == labels).astype(np.float64)
+
+
 def accuracy(mean_probs, labels) -> float:
   """Fraction of examples whose argmax class (first one on ties) is the label."""
+  return float(np.mean(correct_per_example(mean_probs, labels)))
+
+
+def nll_per_example(mean_probs, labels) -> np.ndarray:
+  """-log p(y) of each example in nats, p(y) floored at NLL_EPS = 1e-12 (so one
+  confidently wrong example costs at most 27.6 nats rather than inf)."""
   mean_probs, labels = _classification(mean_probs, labels)
-  return float(np.mean(np.argmax(mean_probs, axis=1) == labels))
+  p = mean_probs[np.arange(labels.shape[0]), labels]
+  return -np.log(np.maximum(p, NLL_EPS))
 
 
 def nll(mean_probs, labels) -> float:
-  """Mean negative log-likelihood -log p(y) in nats.
-
-  p(y) is floored at NLL_EPS = 1e-12, so one confidently wrong example adds at
-  most 27.6 / N nats rather than inf.
-  """
-  mean_probs, labels = _classification(mean_probs, labels)
-  p = mean_probs[np.arange(labels.shape[0]), labels]
-  return float(np.mean(-np.log(np.maximum(p, NLL_EPS))))
+  """Mean negative log-likelihood -log p(y) in nats (see `nll_per_example`)."""
+  return float(np.mean(nll_per_example(mean_probs, labels)))
 
 
-def brier(mean_probs, labels) -> float:
-  """Brier score: mean over examples of sum_k (p_k - onehot_k)^2.
+def brier_per_example(mean_probs, labels) -> np.ndarray:
+  """sum_k (p_k - onehot_k)^2 of each example.
 
   Convention: summed over classes, not averaged, so it ranges over [0, 2]
   (0 = certain and right, 2 = certain and wrong) whatever K is.
   """
   mean_probs, labels = _classification(mean_probs, labels)
   onehot = np.eye(mean_probs.shape[1])[labels]
-  return float(np.mean(np.sum((mean_probs - onehot) ** 2, axis=1)))
+  return np.sum((mean_probs - onehot) ** 2, axis=1)
+
+
+def brier(mean_probs, labels) -> float:
+  """Brier score: the mean over examples of `brier_per_example`."""
+  return float(np.mean(brier_per_example(mean_probs, labels)))
 
 
 def reliability(mean_probs, labels,
@@ -444,8 +456,8 @@ def rmse(pred_mean, targets) -> float:
   return float(np.sqrt(np.mean((pred_mean - targets) ** 2)))
 
 
-def gaussian_mixture_nll(means, stddevs, targets) -> float:
-  """Mean over examples of -log (1/S) sum_s N(y; mu_s, sigma_s^2), in nats.
+def gaussian_mixture_nll_per_example(means, stddevs, targets) -> np.ndarray:
+  """-log (1/S) sum_s N(y; mu_s, sigma_s^2) of each example [N], in nats.
 
   The mixture density is combined in log space (log-mean-exp over the S
   samples), so it stays finite far in the tails.
@@ -454,8 +466,12 @@ def gaussian_mixture_nll(means, stddevs, targets) -> float:
   z = (targets[None] - means) / stddevs
   log_pdf = -0.5 * z ** 2 - np.log(stddevs) - 0.5 * math.log(2.0 * math.pi)
   top = log_pdf.max(axis=0)
-  log_mean = top + np.log(np.mean(np.exp(log_pdf - top), axis=0))
-  return float(-np.mean(log_mean))
+  return -(top + np.log(np.mean(np.exp(log_pdf - top), axis=0)))
+
+
+def gaussian_mixture_nll(means, stddevs, targets) -> float:
+  """The mean over examples of `gaussian_mixture_nll_per_example`."""
+  return float(np.mean(gaussian_mixture_nll_per_example(means, stddevs, targets)))
 
 
 def mixture_mean_and_stddev(means, stddevs) -> Tuple[np.ndarray, np.ndarray]:

@@ -443,7 +443,9 @@ def evaluate(exp, *, final=True):
   """Monte-Carlo test figures; at the end also OOD, rotation and reliability figures.
 
   Returns a metrics dict; the key 'images' (popped by the controller) maps names
-  to uint8 RGB images written as PNG files and TensorBoard images.
+  to uint8 RGB images written as PNG files and TensorBoard images, and at the end
+  'per_example' maps 'nll', 'correct' and 'brier' (regression: 'nll' and
+  'squared_error') to every test example's figure, in test-set order.
   """
   task, model = exp.task, exp.model
   out = {'num_examples': int(task.test_images.shape[0]),
@@ -460,12 +462,20 @@ def evaluate(exp, *, final=True):
     for level, frac in coverage.items():
       out[f'coverage_{int(round(level * 100))}'] = float(frac)
     out['noise_scale'] = float(np.exp(model.log_noise_scale.numpy()) * model.target_scale)
+    if final:  # every test example's figures, for paired comparisons (bin/compare.py)
+      out['per_example'] = {
+          'nll': metrics_lib.gaussian_mixture_nll_per_example(means, stds, y),
+          'squared_error': (mean - y) ** 2}
     return out
   labels = task.test_targets
   summary, figures = _classification_figures(pred['probs'], labels)
   out.update(figures)
   if not final:
     return out
+  mean_probs = summary['mean_probs']
+  out['per_example'] = {'nll': metrics_lib.nll_per_example(mean_probs, labels),
+                        'correct': metrics_lib.correct_per_example(mean_probs, labels),
+                        'brier': metrics_lib.brier_per_example(mean_probs, labels)}
   rel = metrics_lib.reliability(summary['mean_probs'], labels)
   images = {'reliability_diagram': plots.reliability_diagram(
       rel['counts'], rel['accuracies'], rel['confidences'])}

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from bin import compare
 from bin import flags as flag_lib
 from engine import errors
+from engine import evaluation
 from models import bnn
 from models import vae
 from tests.bin.test_binaries import PNG_SIGNATURE
@@ -50,6 +52,10 @@ def runs(tmp_path_factory):
   results = {name: _finish(proc) for name, proc in procs.items()}
   if results['train'][0] == 0:
     os.remove(os.path.join(model_dir, 'metrics.json'))
+    # The training run's per-example figures, kept aside to pair with evaluate's.
+    (base / 'at_training').mkdir()
+    os.replace(os.path.join(model_dir, 'test_per_example.npz'),
+               base / 'at_training' / 'test_per_example.npz')
     # evaluate without the training flags: they come from the dir's config.json.
     later = {'evaluate': _start('bin.evaluate', f'--model_dir={model_dir}',
                                 '--num_mc_samples=4'),
@@ -77,6 +83,28 @@ def test_train_binary(runs):
   for name in ('reliability_diagram.png', 'rotated_test.png'):
     with open(os.path.join(model_dir, name), 'rb') as f:
       assert f.read(8) == PNG_SIGNATURE, name
+  assert 'test_per_example.npz (compare runs with bin/compare.py)' in stdout
+
+
+def test_train_and_evaluate_write_per_example_figures_that_pair(runs):
+  """Both the training run's final evaluation and bin.evaluate write every test
+  example's nll, correct and brier, whose means are metrics.json's figures, and
+  bin.compare pairs the two evaluations of the same checkpoint."""
+  model_dir, results = runs
+  assert results['evaluate'][0] == 0, results['evaluate'][2][-3000:]
+  at_training = os.path.join(os.path.dirname(model_dir), 'at_training')
+  figures, _, step = evaluation.read_per_example(model_dir)
+  with open(os.path.join(model_dir, 'metrics.json')) as f:
+    metrics = json.load(f)
+  assert step == 20 and sorted(figures) == ['brier', 'correct', 'nll']
+  assert figures['nll'].shape == (metrics['num_examples'],)
+  assert set(np.unique(figures['correct'])) <= {0.0, 1.0}
+  for name, key in (('nll', 'nll'), ('correct', 'accuracy'), ('brier', 'brier')):
+    assert figures[name].mean() == pytest.approx(metrics[key], rel=1e-5), name
+  lines = compare.compare([at_training, model_dir])
+  assert lines[0].startswith(f'Paired over {metrics["num_examples"]:,} test examples')
+  assert lines[2].startswith('| run | step | NLL | accuracy | Brier | NLL diff')
+  assert lines[5].split(' | ')[1] == '20'
 
 
 def test_evaluate_binary_writes_metrics(runs):

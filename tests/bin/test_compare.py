@@ -45,3 +45,24 @@ def test_compare_refuses_bad_input(tmp_path):
     compare.compare([a])
   with pytest.raises(errors.DataError, match='not found'):
     compare.compare([a, str(tmp_path / 'missing')])
+
+
+def test_compare_prints_a_bnn_run_s_figures_to_four_decimals(tmp_path):
+  """A BNN's per-example file holds nll, correct (1 or 0) and brier: the table shows
+  NLL, accuracy (the mean of correct) and Brier, paired, to four decimals."""
+  rng = np.random.RandomState(2)
+  nll = rng.exponential(0.3, 400)
+  correct = (rng.rand(400) < 0.9).astype(np.float64)
+  brier = rng.rand(400)
+  flipped = correct.copy()
+  flipped[:8] = 1.0 - flipped[:8]
+  base = _write(tmp_path, 'base', {'nll': nll, 'correct': correct, 'brier': brier})
+  other = _write(tmp_path, 'other', {'nll': nll * 0.9, 'correct': flipped, 'brier': brier})
+  lines = compare.compare([base, other])
+  assert lines[2] == ('| run | step | NLL | accuracy | Brier | NLL diff | accuracy diff '
+                      '| Brier diff |')
+  rows = [line.split(' | ') for line in lines[4:]]
+  assert rows[0][2:5] == [f'{nll.mean():.4f}', f'{correct.mean():.4f}', f'{brier.mean():.4f}']
+  mean, stderr = metrics.paired_difference(correct, flipped)
+  assert rows[1][6] == f'{mean:+.4f} +- {stderr:.4f}'
+  assert rows[1][7].rstrip(' |') == '+0.0000 +- 0.0000'

@@ -52,6 +52,29 @@ def test_brier_sums_over_classes():
   assert metrics.brier(np.array([[1.0, 0.0, 0.0]]), np.array([2])) == 2.0
 
 
+def test_per_example_figures_by_hand():
+  """Each example's figure (the hand values of the tests above); their means are the
+  aggregate figures."""
+  np.testing.assert_array_equal(metrics.correct_per_example(_PROBS, _LABELS),
+                                [1, 0, 1, 0, 1])
+  np.testing.assert_allclose(metrics.nll_per_example(_PROBS, _LABELS),
+                             -np.log([.9, .1, .6, .1, .4]), rtol=1e-12)
+  np.testing.assert_allclose(metrics.brier_per_example(_PROBS, _LABELS),
+                             [.015, 1.46, .24, 1.34, .54], rtol=1e-12)
+  means = np.array([[0.0, 1.0], [2.0, 1.0]])  # [S=2, N=2]
+  stddevs = np.array([[1.0, 1.0], [1.0, 2.0]])
+  targets = np.array([0.0, 1.0])
+  # Example 0: the mixture of N(0, 1) and N(2, 1) at 0; example 1: of N(1, 1) and
+  # N(1, 4) at their mean.
+  pdf = lambda x, m, s: math.exp(-0.5 * ((x - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
+  expected = [-math.log((pdf(0, 0, 1) + pdf(0, 2, 1)) / 2),
+              -math.log((pdf(1, 1, 1) + pdf(1, 1, 2)) / 2)]
+  per_example = metrics.gaussian_mixture_nll_per_example(means, stddevs, targets)
+  np.testing.assert_allclose(per_example, expected, rtol=1e-12)
+  assert metrics.gaussian_mixture_nll(means, stddevs, targets) == pytest.approx(
+      np.mean(expected), rel=1e-12)
+
+
 def test_reliability_bins():
   stats = metrics.reliability(_PROBS, _LABELS, num_bins=4)
   np.testing.assert_allclose(stats['edges'], [0, .25, .5, .75, 1])

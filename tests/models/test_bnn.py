@@ -17,6 +17,7 @@ from engine import config as config_lib
 from engine import controller
 from engine import datasets
 from engine import errors
+from engine import evaluation
 from engine import metrics as metrics_lib
 from engine import objectives
 from engine import sampling
@@ -341,6 +342,12 @@ def test_rotation_regression_reports_rmse_and_interval_coverage(tmp_path, defaul
   assert metrics['coverage_50'] <= metrics['coverage_70'] <= metrics['coverage_95']
   with open(os.path.join(str(tmp_path), controller.METRICS_FILE)) as f:
     assert json.load(f)['rmse'] == metrics['rmse']
+  # Every test example's NLL and squared error: their means are the NLL and RMSE^2.
+  figures, _, step = evaluation.read_per_example(str(tmp_path))
+  assert step == 20 and sorted(figures) == ['nll', 'squared_error']
+  assert figures['nll'].shape == (32,)
+  assert figures['nll'].mean() == pytest.approx(metrics['nll'], rel=1e-5)
+  assert figures['squared_error'].mean() == pytest.approx(metrics['rmse'] ** 2, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------
