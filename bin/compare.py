@@ -2,9 +2,9 @@
 --model_dirs=BASELINE,OTHER[,...]`.
 
 Reads each model dir's test_per_example.npz (written by the final evaluation of
-bin/train.py and by bin/evaluate.py, for a VAE or a BNN) and prints every run's test figures and, for
-each run after the first, its difference from the first with the standard error of
-the per-example differences. Runs scored on different test sets (other data, other
+bin/train.py and by bin/evaluate.py, for a VAE or a BNN) and prints every run's
+test figures and, for each run after the first, its difference from the first with
+the standard error of the per-example differences. Runs scored on different test sets (other data, other
 test binarization) are refused.
 """
 from absl import app

@@ -476,7 +476,7 @@ def evaluate(exp, *, final=True):
   out['per_example'] = {'nll': metrics_lib.nll_per_example(mean_probs, labels),
                         'correct': metrics_lib.correct_per_example(mean_probs, labels),
                         'brier': metrics_lib.brier_per_example(mean_probs, labels)}
-  rel = metrics_lib.reliability(summary['mean_probs'], labels)
+  rel = metrics_lib.reliability(mean_probs, labels)
   images = {'reliability_diagram': plots.reliability_diagram(
       rel['counts'], rel['accuracies'], rel['confidences'])}
   out['reliability'] = {k: np.asarray(v).tolist() for k, v in rel.items()}
