@@ -93,7 +93,9 @@ def define_flags():
                       'VAE prior p(z): normal (standard normal) | mixture (a learned '
                       'mixture of --prior_components diagonal Gaussians) | vamp (the '
                       'VampPrior: a mixture of the posteriors of --prior_components learned '
-                      'pseudo-inputs). mixture and vamp need --kl=monte_carlo.')
+                      'pseudo-inputs) | hierarchical (a second stochastic layer: z drawn '
+                      'from p(z | u) with u ~ N(0, I) of --top_latent_dim, inferred by '
+                      'q(u | z)). All but normal need --kl=monte_carlo.')
   flags.DEFINE_string('activation', 'relu',
                       'VAE hidden-layer nonlinearity (conv, MADE, pixelcnn head, and the '
                       'MLP with --nogated_units): relu | elu | swish | softplus | tanh.')
@@ -105,6 +107,11 @@ def define_flags():
                     '--nogated_units gives --activation units.')
   flags.DEFINE_integer('prior_components', 100,
                        'Components of --latent_prior=mixture or pseudo-inputs of vamp (> 0).')
+  flags.DEFINE_integer('top_latent_dim', 16,
+                       'Dimension of the top latent u of --latent_prior=hierarchical (> 0).')
+  flags.DEFINE_integer('top_units', 256,
+                       'Hidden units of the MLPs of p(z | u) and q(u | z) of '
+                       '--latent_prior=hierarchical (> 0).')
   flags.DEFINE_integer('kl_warmup_steps', 0,
                        'Linear KL warm-up steps (>= 0): the VAE rate (ELBO only) or the '
                        "BNN's weight KL ramps from 0 to full weight over these steps.")

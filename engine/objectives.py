@@ -13,9 +13,13 @@ import math
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from engine import sampling
+
 tfd = tfp.distributions
 
 KL_ESTIMATORS = ('analytic', 'monte_carlo', 'regularizer')
+# The stream of a prior's own draws (`latent_log_prob`) within an importance chunk.
+_PRIOR_SALT = 0xB7
 OBJECTIVES = ('elbo', 'iwae')
 
 
@@ -85,7 +89,23 @@ def sample_with_log_prob(approx_posterior, num, seed):
   return z, approx_posterior.log_prob(z)
 
 
-def monte_carlo_rate(approx_posterior, latent_prior, z, log_q=None):
+def latent_log_prob(latent_prior, z, prior_noise=None):
+  """log p(z) for z [..., d]: `latent_prior.log_prob(z)`, or for a prior whose
+  log-density is a one-sample estimate (`log_prob_needs_noise`, e.g. the
+  hierarchical prior of models/latent_priors.py) `log_prob(z, prior_noise)`.
+
+  Raises:
+    ValueError: such a prior without `prior_noise` (an `engine.sampling.Noise`).
+  """
+  if not getattr(latent_prior, 'log_prob_needs_noise', False):
+    return latent_prior.log_prob(z)
+  if prior_noise is None:
+    raise ValueError(f'{type(latent_prior).__name__}.log_prob draws its own latent '
+                     f'sample: pass prior_noise (an engine.sampling.Noise).')
+  return latent_prior.log_prob(z, prior_noise)
+
+
+def monte_carlo_rate(approx_posterior, latent_prior, z, log_q=None, prior_noise=None):
   """Single- or multi-sample estimate of KL(q || p) per example.
 
   Args:
@@ -94,12 +114,15 @@ def monte_carlo_rate(approx_posterior, latent_prior, z, log_q=None):
     z: samples from q, shape [B, d] or [S, B, d]; a leading sample axis is averaged.
     log_q: optional log q(z) of the same shape as z without its last axis (e.g. from
       `reparameterized_log_prob`); default `approx_posterior.log_prob(z)`.
+    prior_noise: the noise of a prior whose log-density is a one-sample estimate
+      (`latent_log_prob`); the rate is then the two-layer model's, whose expectation
+      is the KL from q(z | x) q(u | z) to p(z | u) p(u).
 
   Returns:
     [B] tensor; unbiased for the analytic KL when z ~ q.
   """
   log_q = approx_posterior.log_prob(z) if log_q is None else log_q
-  log_ratio = log_q - latent_prior.log_prob(z)
+  log_ratio = log_q - latent_log_prob(latent_prior, z, prior_noise)
   if log_ratio.shape.rank == 2:
     log_ratio = tf.reduce_mean(log_ratio, axis=0)
   return log_ratio
@@ -110,11 +133,15 @@ def negative_elbo(distortion_, rate, kl_weight=1.0):
   return distortion_ + tf.cast(kl_weight, rate.dtype) * rate
 
 
-def log_importance_weights(approx_posterior, latent_prior, likelihood_fn, x, z, log_q=None):
+def log_importance_weights(approx_posterior, latent_prior, likelihood_fn, x, z, log_q=None,
+                           prior_noise=None):
   """log p(x, z) - log q(z | x) for samples z of shape [K, B, d]; returns [K, B].
-  `log_q`: optional log q(z) [K, B] (default `approx_posterior.log_prob(z)`)."""
+  `log_q`: optional log q(z) [K, B] (default `approx_posterior.log_prob(z)`);
+  `prior_noise`: see `latent_log_prob` (the weights are then those of joint samples
+  (z, u) of a two-layer model)."""
   log_q = approx_posterior.log_prob(z) if log_q is None else log_q
-  return likelihood_fn(z).log_prob(x) + latent_prior.log_prob(z) - log_q
+  return (likelihood_fn(z).log_prob(x) + latent_log_prob(latent_prior, z, prior_noise)
+          - log_q)
 
 
 def iwae_bound(log_weights):
@@ -157,9 +184,11 @@ def iw_log_likelihood(approx_posterior, latent_prior, likelihood_fn, x, *,
   for i in tf.range(num_chunks):
     chunk_seed = tf.random.experimental.stateless_fold_in(seed, i, alg='philox')
     z, log_q = sample_with_log_prob(approx_posterior, chunk_size, chunk_seed)
+    prior_noise = sampling.Noise(
+        tf.random.experimental.stateless_fold_in(chunk_seed, _PRIOR_SALT, alg='philox'))
     log_weights = log_weights.write(
         i, log_importance_weights(approx_posterior, latent_prior, likelihood_fn, x, z,
-                                  log_q=log_q))
+                                  log_q=log_q, prior_noise=prior_noise))
   stacked = log_weights.concat()  # [num_samples, B]
   return iwae_bound(stacked)
 

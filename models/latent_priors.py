@@ -12,8 +12,20 @@ with a full-covariance posterior, full) Gaussians:
            pseudo-inputs u_k, which share the encoder's weights, so the prior moves
            with the posterior.
 
-Neither has a closed-form KL against q(z | x): the rate is estimated by Monte
-Carlo from the step's own latent sample (`engine.objectives.monte_carlo_rate`).
+A third learned prior adds a second stochastic layer above z:
+
+  hierarchical  p(z) = integral of p(z | u) p(u) du over a top latent u, with
+           p(u) = N(0, I) and p(z | u) a diagonal Gaussian from an MLP (the
+           two-stochastic-layer VAE of Burda et al., 2016, "Importance Weighted
+           Autoencoders", with inference bottom-up: q(z, u | x) = q(z | x) q(u | z)).
+
+None has a closed-form KL against q(z | x): the rate is estimated by Monte Carlo
+from the step's own latent sample (`engine.objectives.monte_carlo_rate`). The
+hierarchical prior's log p(z) has no closed form either; its `log_prob(z, noise)`
+draws u ~ q(u | z) and returns log p(z | u) + log p(u) - log q(u | z), whose
+exponential is unbiased for p(z). So its Monte-Carlo rate makes the ELBO the
+two-layer model's ELBO, and an importance-sampled log p(x) with it is the two-layer
+model's estimate over joint samples (z, u).
 Each prior is rebuilt from its variables on every call, so it is always current
 inside a compiled step.
 
@@ -28,10 +40,11 @@ import math
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
+import tf_keras
 
 tfd = tfp.distributions
 
-LATENT_PRIORS = ('normal', 'mixture', 'vamp')
+LATENT_PRIORS = ('normal', 'mixture', 'vamp', 'hierarchical')
 
 # softplus^-1(1): a raw scale that gives a unit standard deviation.
 _UNIT_SCALE_RAW = float(np.log(np.expm1(1.0)))
@@ -151,6 +164,105 @@ class VampPrior(tf.Module):
     # A full-covariance posterior: components with correlated scales.
     return tfd.MixtureSameFamily(tfd.Categorical(logits=logits), components,
                                  name='latent_prior')
+
+
+def _diagonal_normal_params(params, dim):
+  """[..., 2 * dim] -> (loc, scale), the scale through softplus (as the posterior's)."""
+  return params[..., :dim], tf.math.softplus(params[..., dim:]) + 1e-5
+
+
+def _standard_normal_log_prob(eps):
+  """log N(eps; 0, I) summed over the last axis."""
+  d = tf.cast(tf.shape(eps)[-1], eps.dtype)
+  return -0.5 * tf.reduce_sum(tf.square(eps), axis=-1) - 0.5 * d * math.log(2 * math.pi)
+
+
+class HierarchicalLatents:
+  """p(z) of `HierarchicalPrior`: a one-sample log-density and seeded `sample`.
+
+  `log_prob` needs noise (`log_prob_needs_noise`): engine.objectives passes it.
+  """
+
+  log_prob_needs_noise = True
+
+  def __init__(self, module):
+    self._m = module
+
+  def conditional(self, u):
+    """p(z | u) as (loc, scale), [..., d] each."""
+    return _diagonal_normal_params(_apply(self._m.generative, u), self._m.latent_dim)
+
+  def top_posterior(self, z):
+    """q(u | z) as (loc, scale), [..., top_dim] each."""
+    return _diagonal_normal_params(_apply(self._m.inference, z), self._m.top_dim)
+
+  def log_prob(self, z, noise):
+    """log p(z | u) + log p(u) - log q(u | z) for u ~ q(u | z); returns [...].
+
+    Args:
+      z: [..., B, d] latents; the second-to-last axis is the batch.
+      noise: an `engine.sampling.Noise` for u's standard-normal draws.
+    """
+    z = tf.convert_to_tensor(z, tf.float32)
+    lead = [tf.shape(z)[i] for i in range(z.shape.rank - 1)]
+    eps = noise.normal(lead + [self._m.top_dim], batch_axis=z.shape.rank - 2)
+    u_loc, u_scale = self.top_posterior(z)
+    u = u_loc + u_scale * eps
+    log_q_u = _standard_normal_log_prob(eps) - tf.reduce_sum(tf.math.log(u_scale), axis=-1)
+    z_loc, z_scale = self.conditional(u)
+    log_p_z = _standard_normal_log_prob((z - z_loc) / z_scale) - tf.reduce_sum(
+        tf.math.log(z_scale), axis=-1)
+    return log_p_z + _standard_normal_log_prob(u) - log_q_u
+
+  def sample(self, num, seed):
+    """[num, d] draws z ~ p(z | u), u ~ N(0, I), for a stateless seed (int32 [2])."""
+    top_seed, z_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    u = tf.random.stateless_normal([num, self._m.top_dim], seed=top_seed)
+    loc, scale = self.conditional(u)
+    return loc + scale * tf.random.stateless_normal(tf.shape(loc), seed=z_seed)
+
+
+def _apply(network, t):
+  """A Sequential on t [..., n] with any number of leading axes."""
+  flat = tf.reshape(t, [-1, t.shape[-1]])
+  out = network(flat)
+  return tf.reshape(out, tf.concat([tf.shape(t)[:-1], tf.shape(out)[-1:]], axis=0))
+
+
+class HierarchicalPrior(tf.Module):
+  """p(z) = integral p(z | u) N(u; 0, I) du, with the auxiliary posterior q(u | z).
+
+  Both conditionals are diagonal Gaussians from an MLP of one hidden layer
+  (`units` units, `activation`). The output layers start with a zero kernel and the
+  scale's bias at softplus^-1(1): p(z | u) starts as N(0, I) whatever u, so an
+  untrained model is the VAE with the standard-normal prior, and q(u | z) as N(0, I).
+  """
+
+  def __init__(self, latent_dim, top_dim, units, *, activation='relu', seed=0,
+               name='latent_prior'):
+    super().__init__(name=name)
+    self.latent_dim, self.top_dim = int(latent_dim), int(top_dim)
+
+    def network(inputs, outputs, net_name, salt):
+      bias = np.concatenate([np.zeros([outputs], np.float32),
+                             np.full([outputs], _UNIT_SCALE_RAW, np.float32)])
+      net = tf_keras.Sequential([
+          tf_keras.Input((inputs,)),
+          tf_keras.layers.Dense(
+              units, activation=activation, name=f'{net_name}_hidden', dtype='float32',
+              kernel_initializer=tf_keras.initializers.GlorotUniform(seed=seed + salt)),
+          tf_keras.layers.Dense(
+              2 * outputs, name=f'{net_name}_params', dtype='float32',
+              kernel_initializer='zeros',
+              bias_initializer=tf_keras.initializers.Constant(bias))], name=net_name)
+      return net
+
+    self.generative = network(self.top_dim, self.latent_dim, 'prior_conditional', 1)
+    self.inference = network(self.latent_dim, self.top_dim, 'top_posterior', 2)
+
+  def __call__(self, encoder=None):
+    del encoder
+    return HierarchicalLatents(self)
 
 
 def pseudo_input_images(train_images_uint8, num_components, seed):

@@ -80,9 +80,13 @@ class VAEConfig:
     kl_warmup_steps: linear KL warm-up length in steps (ELBO only).
     latent_prior: p(z): 'normal' (standard normal), 'mixture' (a learned mixture
       of diagonal Gaussians) or 'vamp' (the VampPrior: a mixture of the posteriors
-      of learned pseudo-inputs); see models/latent_priors.py. The learned priors
-      have no closed-form KL: they need kl='monte_carlo'.
+      of learned pseudo-inputs) or 'hierarchical' (a second stochastic layer: p(z) =
+      integral of p(z | u) N(u; 0, I) du, with an auxiliary q(u | z)); see
+      models/latent_priors.py. The learned priors have no closed-form KL: they need
+      kl='monte_carlo'.
     prior_components: K, the mixture's components or the VampPrior's pseudo-inputs.
+    top_latent_dim: dimension of the hierarchical prior's top latent u.
+    top_units: hidden units of the hierarchical prior's p(z | u) and q(u | z).
     activation: nonlinearity of every hidden layer (conv, MADE, the pixelcnn
       head, and the MLP with gated_units=False); gated units have none.
     gated_units: the MLP encoder's and factorized decoder's hidden layers are
@@ -113,6 +117,8 @@ class VAEConfig:
   kl_warmup_steps: int = 0
   latent_prior: str = 'normal'
   prior_components: int = 100
+  top_latent_dim: int = 16
+  top_units: int = 256
   activation: str = 'relu'
   gated_units: Optional[bool] = None
 
@@ -141,7 +147,8 @@ class VAEConfig:
       raise errors.ConfigError(
           f'--conv_filters={",".join(map(str, self.conv_filters))}: the conv VAE takes '
           f'exactly two filter counts, e.g. 32,64.')
-    for name in ('latent_dim', 'num_iw_samples', 'prior_components', 'pixelcnn_filters'):
+    for name in ('latent_dim', 'num_iw_samples', 'prior_components', 'pixelcnn_filters',
+                 'top_latent_dim', 'top_units'):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise errors.ConfigError(f'--{name}={value!r}: must be a positive integer.')
@@ -285,6 +292,10 @@ class VAE(tf.Module):
         pseudo_inputs = _default_pseudo_inputs(config.prior_components, self.image_shape,
                                                pixel_mean, seed)
       self.prior = latent_priors.VampPrior(pseudo_inputs, diagonal=config.posterior == 'diag')
+    elif config.latent_prior == 'hierarchical':
+      self.prior = latent_priors.HierarchicalPrior(
+          d, config.top_latent_dim, config.top_units, activation=config.activation,
+          seed=seed * 1000 + 600)
     else:
       self.prior = latent_priors.StandardNormalPrior(d)
 
@@ -410,12 +421,14 @@ class VAE(tf.Module):
     """p(z) as a distribution, built from the prior's current variables."""
     return self.prior(self.encoder)
 
-  def rate(self, q, prior, z, eps):
+  def rate(self, q, prior, z, eps, prior_noise=None):
     """KL(q || p) per example: analytic, or a Monte-Carlo estimate from
-    z = loc + scale @ eps ~ q (log q(z) from eps: `objectives.reparameterized_log_prob`)."""
+    z = loc + scale @ eps ~ q (log q(z) from eps: `objectives.reparameterized_log_prob`;
+    `prior_noise`: the hierarchical prior's draw of its top latent)."""
     if self.config.kl == 'monte_carlo':
       return objectives.monte_carlo_rate(
-          q, prior, z, log_q=objectives.reparameterized_log_prob(q, eps))
+          q, prior, z, log_q=objectives.reparameterized_log_prob(q, eps),
+          prior_noise=prior_noise)
     return objectives.analytic_rate(q, prior)
 
   @staticmethod
@@ -518,8 +531,10 @@ class VAE(tf.Module):
     distortion = objectives.distortion(likelihood(z), x)
     regularization = tf.constant(0.0)
     prior = self.prior_distribution()
+    # Its own stream, drawn only by the hierarchical prior: other runs keep their noise.
+    prior_noise = noise.fold(_PRIOR_SALT)
     if cfg.kl != 'regularizer':
-      rate = self.rate(q, prior, z, eps)
+      rate = self.rate(q, prior, z, eps, prior_noise)
     else:
       # The regularizer already averaged the KL over this replica's batch; the rate
       # per example is only for measurement.
@@ -531,7 +546,8 @@ class VAE(tf.Module):
       eps_k = iw_noise.normal([cfg.num_iw_samples, batch, d], batch_axis=1)
       log_w = objectives.log_importance_weights(
           q, prior, likelihood, x, self.posterior_sample(q, eps_k),
-          log_q=objectives.reparameterized_log_prob(q, eps_k))
+          log_q=objectives.reparameterized_log_prob(q, eps_k),
+          prior_noise=prior_noise.fold(1))
       iwae = objectives.iwae_bound(log_w)
       measurements['iwae'] = iwae
       return -iwae, tf.constant(0.0), measurements
@@ -551,7 +567,9 @@ class VAE(tf.Module):
     # a learned prior's rate is estimated from the same z.
     rate = (objectives.analytic_rate(q, prior) if self.config.latent_prior == 'normal'
             else objectives.monte_carlo_rate(
-                q, prior, z, log_q=objectives.reparameterized_log_prob(q, eps)))
+                q, prior, z, log_q=objectives.reparameterized_log_prob(q, eps),
+                prior_noise=sampling.Noise(
+                    tf.random.experimental.stateless_fold_in(post_seed, _PRIOR_SALT))))
     out = {'distortion': distortion, 'rate': rate, 'elbo': -(distortion + rate)}
     if iw_samples:
       chunk = min(iw_chunk_size, iw_samples)
@@ -591,6 +609,9 @@ class VAE(tf.Module):
       return tf.reshape(probs, tf.concat([tf.shape(z)[:1], self.image_shape], axis=0))
     return self.likelihood(z).mean()
 
+
+# The salt of the hierarchical prior's noise stream (`latent_priors.HierarchicalLatents`).
+_PRIOR_SALT = 0xB7
 
 # The pixelcnn decoder holds [chunk, batch, H, W, filters] activations while it
 # scores importance samples: at most this many floats per test image at a time.
