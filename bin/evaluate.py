@@ -14,8 +14,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from engine import controller
   from engine import evaluation
-  flag_lib.adopt_recorded_config()
-  config = flag_lib.experiment_config()
+  _, _, config = flag_lib.recorded_experiment_config()
   exp = controller.build(config, flag_lib.strategy(), record_config=False)
   if exp.manager.latest_checkpoint is None:
     raise errors.CheckpointError(

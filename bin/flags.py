@@ -301,6 +301,15 @@ def adopt_recorded_config():
   values = {'model': recorded.get('model')}
   for section in ('model_options', 'data', 'train'):
     values.update(recorded.get(section) or {})
+  path = os.path.join(FLAGS.model_dir, checkpoints.CONFIG_FILE)
+  # Every field of today's configs has a flag of its name: a recorded name without
+  # one was renamed or removed since the run was recorded.
+  unknown = {name: value for name, value in values.items() if name not in FLAGS}
+  if unknown:
+    listed = ', '.join(f'{name}={value!r}' for name, value in sorted(unknown.items()))
+    print(f'Note: {path} records {listed}, for which this version has no flag: '
+          f'ignored. If a flag was renamed, give it under its new name.',
+          file=sys.stderr, flush=True)
   changed = {}
   for name, value in values.items():
     if name == 'model_dir' or name not in FLAGS or FLAGS[name].present:
@@ -311,7 +320,26 @@ def adopt_recorded_config():
       changed[name] = value
     # The config dataclasses validate the value, as they do a typed flag's.
     setattr(FLAGS, name, value)
-  return os.path.join(FLAGS.model_dir, checkpoints.CONFIG_FILE), changed
+  return path, changed
+
+
+def recorded_experiment_config():
+  """`adopt_recorded_config`, then `experiment_config`: (path, changed, config).
+
+  A value taken from the record that no longer validates (a rule added since the
+  run was recorded) is refused with the config's own message, which names the
+  flag, plus where the value came from: the user did not type it.
+  """
+  path, changed = adopt_recorded_config()
+  try:
+    return path, changed, experiment_config()
+  except errors.ConfigError as e:
+    adopted = [name for name in changed if f'--{name}=' in str(e)]
+    if not adopted:
+      raise
+    raise errors.ConfigError(
+        f'{e} (--{adopted[0]} was not given: its value comes from {path}, the run '
+        f'recorded in --model_dir. Give --{adopted[0]} explicitly to override it.)') from e
 
 
 def experiment_config():

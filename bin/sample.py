@@ -21,8 +21,7 @@ def main(argv):
   fl = flags.FLAGS
   if fl.num_samples <= 0:
     raise errors.ConfigError(f'--num_samples={fl.num_samples}: must be a positive integer.')
-  flag_lib.adopt_recorded_config()
-  config = flag_lib.experiment_config()
+  _, _, config = flag_lib.recorded_experiment_config()
   exp = controller.build(config, flag_lib.strategy(), record_config=False)
   if exp.manager.latest_checkpoint is None:
     raise errors.CheckpointError(

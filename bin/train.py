@@ -9,13 +9,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from engine import controller
-  path, changed = flag_lib.adopt_recorded_config()
+  path, changed, config = flag_lib.recorded_experiment_config()
   if path:
     taken = ', '.join(f'--{name}={",".join(value) if isinstance(value, list) else value}'
                       for name, value in sorted(changed.items()))
     print(f'Continuing the run recorded in {path}; flags not given take its values'
           + (f', which differ from the defaults: {taken}.' if taken else '.'), flush=True)
-  config = flag_lib.experiment_config()
   controller.train(config, flag_lib.strategy())
 
 

@@ -4,9 +4,11 @@ import dataclasses
 import json
 
 from absl.testing import flagsaver
+import pytest
 
 from bin import flags as flag_lib
 from engine import checkpoints
+from engine import errors
 from engine import config as config_lib
 from models import bnn
 from models import vae
@@ -113,3 +115,46 @@ def test_every_vae_field_has_a_flag(parsed_flags):
   """A VAEConfig field without a flag could be neither set nor adopted from a record."""
   for field in dataclasses.fields(vae.VAEConfig):
     assert field.name in parsed_flags, field.name
+
+
+def test_a_recorded_name_without_a_flag_is_reported_and_ignored(parsed_flags, tmp_path,
+                                                                capsys):
+  """A field renamed or removed since the run was recorded is named on stderr, not
+  dropped silently; the rest of the record is adopted."""
+  _record_without(parsed_flags, tmp_path, ['--latent_dim=6'])
+  path = tmp_path / checkpoints.CONFIG_FILE
+  recorded = json.loads(path.read_text())
+  recorded['train']['old_eval_samples'] = 300
+  path.write_text(json.dumps(recorded))
+  with flagsaver.flagsaver():
+    parsed_flags(['evaluate', f'--model_dir={tmp_path}'])
+    _, changed, config = flag_lib.recorded_experiment_config()
+  err = capsys.readouterr().err
+  assert f"{path} records old_eval_samples=300, for which this version has no flag" in err
+  assert 'give it under its new name' in err
+  assert changed['latent_dim'] == 6 and config.model_options.latent_dim == 6
+
+
+def test_a_recorded_value_that_no_longer_validates_names_the_record(parsed_flags,
+                                                                    tmp_path):
+  """The config's own message (the flag, its value, the rule) plus where the value
+  came from; the same value typed on the command line gets the message alone."""
+  _record_without(parsed_flags, tmp_path, ['--latent_dim=6'])
+  path = tmp_path / checkpoints.CONFIG_FILE
+  recorded = json.loads(path.read_text())
+  recorded['model_options']['kl_warmup_steps'] = -5  # as if a rule were added since
+  path.write_text(json.dumps(recorded))
+  with flagsaver.flagsaver():
+    parsed_flags(['evaluate', f'--model_dir={tmp_path}'])
+    with pytest.raises(errors.ConfigError) as adopted:
+      flag_lib.recorded_experiment_config()
+  message = str(adopted.value)
+  assert message.startswith('--kl_warmup_steps=-5: must be an integer >= 0.')
+  assert f'--kl_warmup_steps was not given: its value comes from {path}' in message
+  other = tmp_path / 'other'
+  with flagsaver.flagsaver():
+    parsed_flags(['train', f'--model_dir={other}', '--kl_warmup_steps=-5'])
+    with pytest.raises(errors.ConfigError) as typed:
+      flag_lib.recorded_experiment_config()
+  assert 'comes from' not in str(typed.value)
+  assert str(typed.value).startswith('--kl_warmup_steps=-5: must be')
