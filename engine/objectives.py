@@ -18,8 +18,9 @@ from engine import sampling
 tfd = tfp.distributions
 
 KL_ESTIMATORS = ('analytic', 'monte_carlo', 'regularizer')
-# The stream of a prior's own draws (`latent_log_prob`) within an importance chunk.
-_PRIOR_SALT = 0xB7
+# The salt of the stream of a prior's own draws (`latent_log_prob`): folded into an
+# importance chunk's seed here, and into a step's noise by the model.
+PRIOR_NOISE_SALT = 0xB7
 OBJECTIVES = ('elbo', 'iwae')
 
 
@@ -185,7 +186,7 @@ def iw_log_likelihood(approx_posterior, latent_prior, likelihood_fn, x, *,
     chunk_seed = tf.random.experimental.stateless_fold_in(seed, i, alg='philox')
     z, log_q = sample_with_log_prob(approx_posterior, chunk_size, chunk_seed)
     prior_noise = sampling.Noise(
-        tf.random.experimental.stateless_fold_in(chunk_seed, _PRIOR_SALT, alg='philox'))
+        tf.random.experimental.stateless_fold_in(chunk_seed, PRIOR_NOISE_SALT, alg='philox'))
     log_weights = log_weights.write(
         i, log_importance_weights(approx_posterior, latent_prior, likelihood_fn, x, z,
                                   log_q=log_q, prior_noise=prior_noise))

@@ -532,7 +532,7 @@ class VAE(tf.Module):
     regularization = tf.constant(0.0)
     prior = self.prior_distribution()
     # Its own stream, drawn only by the hierarchical prior: other runs keep their noise.
-    prior_noise = noise.fold(_PRIOR_SALT)
+    prior_noise = noise.fold(objectives.PRIOR_NOISE_SALT)
     if cfg.kl != 'regularizer':
       rate = self.rate(q, prior, z, eps, prior_noise)
     else:
@@ -569,7 +569,8 @@ class VAE(tf.Module):
             else objectives.monte_carlo_rate(
                 q, prior, z, log_q=objectives.reparameterized_log_prob(q, eps),
                 prior_noise=sampling.Noise(
-                    tf.random.experimental.stateless_fold_in(post_seed, _PRIOR_SALT))))
+                    tf.random.experimental.stateless_fold_in(
+                        post_seed, objectives.PRIOR_NOISE_SALT, alg='philox'))))
     out = {'distortion': distortion, 'rate': rate, 'elbo': -(distortion + rate)}
     if iw_samples:
       chunk = min(iw_chunk_size, iw_samples)
@@ -609,9 +610,6 @@ class VAE(tf.Module):
       return tf.reshape(probs, tf.concat([tf.shape(z)[:1], self.image_shape], axis=0))
     return self.likelihood(z).mean()
 
-
-# The salt of the hierarchical prior's noise stream (`latent_priors.HierarchicalLatents`).
-_PRIOR_SALT = 0xB7
 
 # The pixelcnn decoder holds [chunk, batch, H, W, filters] activations while it
 # scores importance samples: at most this many floats per test image at a time.

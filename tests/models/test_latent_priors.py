@@ -248,22 +248,30 @@ def _engine_config(model_dir, train_steps, components=8, latent_prior='vamp',
           eval_batch_size=32, eval_iw_samples=4, iw_chunk_size=2, num_summary_images=4))
 
 
+def _train_resumed_and_whole(tmp_path, config):
+  """Trains config(dir, steps) to 40 steps in two calls (20, then resumed) and in
+  one; checks that both end with the same variables and a finite NLL, and returns
+  the resumed run's Experiment, rebuilt from its last checkpoint."""
+  strategy = tf.distribute.get_strategy()
+  split, whole = tmp_path / 'split', tmp_path / 'whole'
+  controller.train(config(split, 20), strategy, log=lambda s: None)
+  controller.train(config(split, 40), strategy, log=lambda s: None)
+  metrics = controller.train(config(whole, 40), strategy, log=lambda s: None)
+  assert np.isfinite(metrics['nll'])
+  exps = [controller.build(config(d, 40), strategy, record_config=False)
+          for d in (split, whole)]
+  for a, b in zip(exps[0].model.trainable_variables, exps[1].model.trainable_variables):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.name)
+  return exps[0]
+
+
 def test_vamp_prior_trains_and_resumes_through_the_engine(tmp_path):
   """XLA steps move the pseudo-inputs; a resumed run restores them exactly and ends
   where an uninterrupted one does."""
-  strategy = tf.distribute.get_strategy()
-  split, whole = tmp_path / 'split', tmp_path / 'whole'
-  controller.train(_engine_config(split, 20), strategy, log=lambda s: None)
-  controller.train(_engine_config(split, 40), strategy, log=lambda s: None)
-  metrics = controller.train(_engine_config(whole, 40), strategy, log=lambda s: None)
-  assert np.isfinite(metrics['nll'])
-  exps = [controller.build(_engine_config(d, 40), strategy, record_config=False)
-          for d in (split, whole)]
-  initial = latent_priors.pseudo_input_images(exps[0].task.train_images, 8, 0)
-  moved = exps[0].model.prior.pseudo_inputs.numpy()
+  exp = _train_resumed_and_whole(tmp_path, _engine_config)
+  initial = latent_priors.pseudo_input_images(exp.task.train_images, 8, 0)
+  moved = exp.model.prior.pseudo_inputs.numpy()
   assert np.max(np.abs(moved - np.clip(initial, 0.05, 0.95))) > 1e-4
-  for a, b in zip(exps[0].model.trainable_variables, exps[1].model.trainable_variables):
-    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.name)
 
 
 def test_hierarchical_prior_trains_and_resumes_through_the_engine(tmp_path):
@@ -271,20 +279,10 @@ def test_hierarchical_prior_trains_and_resumes_through_the_engine(tmp_path):
   kernels); a resumed run ends where an uninterrupted one does: the prior's draws
   of u are step-indexed like every other noise. (Without XLA, to keep the test
   short; the vamp test above runs the engine's XLA step.)"""
-  strategy = tf.distribute.get_strategy()
-  split, whole = tmp_path / 'split', tmp_path / 'whole'
-  config = functools.partial(_engine_config, latent_prior='hierarchical', jit_compile=False)
-  controller.train(config(split, 20), strategy, log=lambda s: None)
-  controller.train(config(split, 40), strategy, log=lambda s: None)
-  metrics = controller.train(config(whole, 40), strategy, log=lambda s: None)
-  assert np.isfinite(metrics['nll'])
-  exps = [controller.build(config(d, 40), strategy, record_config=False)
-          for d in (split, whole)]
-  prior = exps[0].model.prior
-  for net in (prior.generative, prior.inference):
+  exp = _train_resumed_and_whole(tmp_path, functools.partial(
+      _engine_config, latent_prior='hierarchical', jit_compile=False))
+  for net in (exp.model.prior.generative, exp.model.prior.inference):
     assert np.max(np.abs(net.layers[-1].kernel.numpy())) > 1e-4
-  for a, b in zip(exps[0].model.trainable_variables, exps[1].model.trainable_variables):
-    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.name)
 
 
 def test_untrained_hierarchical_prior_is_the_standard_normal():
