@@ -106,9 +106,13 @@ def define_flags():
                     "the pixelcnn head's). Unset: on for mlp, off for conv; "
                     '--nogated_units gives --activation units.')
   flags.DEFINE_integer('prior_components', 100,
-                       'Components of --latent_prior=mixture or pseudo-inputs of vamp (> 0).')
+                       'Components of --latent_prior=mixture (or of --top_prior=mixture) '
+                       'or pseudo-inputs of vamp (> 0).')
   flags.DEFINE_integer('top_latent_dim', 16,
                        'Dimension of the top latent u of --latent_prior=hierarchical (> 0).')
+  flags.DEFINE_string('top_prior', 'normal',
+                      'p(u) of --latent_prior=hierarchical: normal (N(0, I)) | mixture '
+                      '(a learned mixture of --prior_components diagonal Gaussians).')
   flags.DEFINE_integer('top_units', 256,
                        'Hidden units of the MLPs of p(z | u) and q(u | z) of '
                        '--latent_prior=hierarchical (> 0).')

@@ -62,7 +62,8 @@ _VALUE_BEFORE_FIELD_EXISTED = {'train.precision': 'float32', 'train.lr_schedule'
                                'model_options.pixelcnn_maps_rank': 0,
                                'model_options.gated_units': False,
                                'model_options.top_latent_dim': 16,
-                               'model_options.top_units': 256}
+                               'model_options.top_units': 256,
+                               'model_options.top_prior': 'normal'}
 # Defaults that changed: a run recorded with the old default, resumed without the
 # flag, now differs in this field; the error says how to resume it.
 # {dotted name: (recorded value, this run's value, what to add to the error)}.

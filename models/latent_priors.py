@@ -15,7 +15,8 @@ with a full-covariance posterior, full) Gaussians:
 A third learned prior adds a second stochastic layer above z:
 
   hierarchical  p(z) = integral of p(z | u) p(u) du over a top latent u, with
-           p(u) = N(0, I) and p(z | u) a diagonal Gaussian from an MLP (the
+           p(u) = N(0, I) or a learned mixture of diagonal Gaussians (as
+           'mixture' above, over u) and p(z | u) a diagonal Gaussian from an MLP (the
            two-stochastic-layer VAE of Burda et al., 2016, "Importance Weighted
            Autoencoders", with inference bottom-up: q(z, u | x) = q(z | x) q(u | z)).
 
@@ -212,12 +213,20 @@ class HierarchicalLatents:
     z_loc, z_scale = self.conditional(u)
     log_p_z = _standard_normal_log_prob((z - z_loc) / z_scale) - tf.reduce_sum(
         tf.math.log(z_scale), axis=-1)
-    return log_p_z + _standard_normal_log_prob(u) - log_q_u
+    return log_p_z + self._top_log_prob(u) - log_q_u
+
+  def _top_log_prob(self, u):
+    if self._m.top is None:
+      return _standard_normal_log_prob(u)
+    return self._m.top().log_prob(u)
 
   def sample(self, num, seed):
-    """[num, d] draws z ~ p(z | u), u ~ N(0, I), for a stateless seed (int32 [2])."""
+    """[num, d] draws z ~ p(z | u), u ~ p(u), for a stateless seed (int32 [2])."""
     top_seed, z_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    u = tf.random.stateless_normal([num, self._m.top_dim], seed=top_seed)
+    if self._m.top is None:
+      u = tf.random.stateless_normal([num, self._m.top_dim], seed=top_seed)
+    else:
+      u = self._m.top().sample(num, top_seed)
     loc, scale = self.conditional(u)
     return loc + scale * tf.random.stateless_normal(tf.shape(loc), seed=z_seed)
 
@@ -230,18 +239,22 @@ def _apply(network, t):
 
 
 class HierarchicalPrior(tf.Module):
-  """p(z) = integral p(z | u) N(u; 0, I) du, with the auxiliary posterior q(u | z).
+  """p(z) = integral p(z | u) p(u) du, with the auxiliary posterior q(u | z).
 
-  Both conditionals are diagonal Gaussians from an MLP of one hidden layer
-  (`units` units, `activation`). The output layers start with a zero kernel and the
-  scale's bias at softplus^-1(1): p(z | u) starts as N(0, I) whatever u, so an
-  untrained model is the VAE with the standard-normal prior, and q(u | z) as N(0, I).
+  p(u) is N(0, I), or with `top_components` K > 0 a `MixturePrior` of K diagonal
+  Gaussians over u. Both conditionals are diagonal Gaussians from an MLP of one
+  hidden layer (`units` units, `activation`). The output layers start with a zero
+  kernel and the scale's bias at softplus^-1(1): p(z | u) starts as N(0, I) whatever
+  u, so an untrained model is the VAE with the standard-normal prior, and q(u | z)
+  as N(0, I).
   """
 
   def __init__(self, latent_dim, top_dim, units, *, activation='relu', seed=0,
-               name='latent_prior'):
+               top_components=0, name='latent_prior'):
     super().__init__(name=name)
     self.latent_dim, self.top_dim = int(latent_dim), int(top_dim)
+    self.top = (MixturePrior(self.top_dim, int(top_components), seed=seed, name='top_prior')
+                if top_components else None)
 
     def network(inputs, outputs, net_name, salt):
       bias = np.concatenate([np.zeros([outputs], np.float32),

@@ -35,6 +35,7 @@ LIKELIHOODS = ('bernoulli', 'gaussian')
 DECODERS = ('factorized', 'autoregressive', 'pixelcnn')
 ACTIVATIONS = ('relu', 'elu', 'swish', 'softplus', 'tanh')  # tf_keras activation names
 LATENT_PRIORS = latent_priors.LATENT_PRIORS
+TOP_PRIORS = ('normal', 'mixture')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,8 @@ class VAEConfig:
       kl='monte_carlo'.
     prior_components: K, the mixture's components or the VampPrior's pseudo-inputs.
     top_latent_dim: dimension of the hierarchical prior's top latent u.
+    top_prior: p(u) of the hierarchical prior: 'normal' (N(0, I)) or 'mixture' (a
+      learned mixture of `prior_components` diagonal Gaussians over u).
     top_units: hidden units of the hierarchical prior's p(z | u) and q(u | z).
     activation: nonlinearity of every hidden layer (conv, MADE, the pixelcnn
       head, and the MLP with gated_units=False); gated units have none.
@@ -119,6 +122,7 @@ class VAEConfig:
   prior_components: int = 100
   top_latent_dim: int = 16
   top_units: int = 256
+  top_prior: str = 'normal'
   activation: str = 'relu'
   gated_units: Optional[bool] = None
 
@@ -132,6 +136,7 @@ class VAEConfig:
                                  ('objective', self.objective, objectives.OBJECTIVES),
                                  ('kl', self.kl, objectives.KL_ESTIMATORS),
                                  ('latent_prior', self.latent_prior, LATENT_PRIORS),
+                                 ('top_prior', self.top_prior, TOP_PRIORS),
                                  ('activation', self.activation, ACTIVATIONS)):
       if value not in choices:
         raise errors.ConfigError(
@@ -214,6 +219,11 @@ class VAEConfig:
           f'--kl={self.kl} needs --latent_prior=normal: the KL from q(z|x) to a '
           f'{self.latent_prior!r} prior has no closed form. Use --kl=monte_carlo (an '
           f'estimate from the same latent sample).')
+    if self.top_prior != 'normal' and self.latent_prior != 'hierarchical':
+      raise errors.ConfigError(
+          f'--top_prior={self.top_prior} sets p(u) of --latent_prior=hierarchical; '
+          f'--latent_prior={self.latent_prior} has no top latent. Use '
+          f'--latent_prior=hierarchical, or --top_prior=normal.')
     if self.objective == 'elbo' and self.num_iw_samples != 1:
       raise errors.ConfigError(
           f'--num_iw_samples={self.num_iw_samples} needs --objective=iwae '
@@ -295,7 +305,8 @@ class VAE(tf.Module):
     elif config.latent_prior == 'hierarchical':
       self.prior = latent_priors.HierarchicalPrior(
           d, config.top_latent_dim, config.top_units, activation=config.activation,
-          seed=seed * 1000 + 600)
+          seed=seed * 1000 + 600,
+          top_components=config.prior_components if config.top_prior == 'mixture' else 0)
     else:
       self.prior = latent_priors.StandardNormalPrior(d)
 

@@ -227,6 +227,10 @@ def test_samples_from_the_prior_are_seeded_images(latent_prior):
     (dict(latent_prior='hierarchical', kl='monte_carlo', top_latent_dim=0),
      '--top_latent_dim=0'),
     (dict(latent_prior='hierarchical', kl='monte_carlo', top_units=-1), '--top_units=-1'),
+    (dict(latent_prior='mixture', kl='monte_carlo', top_prior='mixture'),
+     '--top_prior=mixture sets p\\(u\\) of --latent_prior=hierarchical'),
+    (dict(latent_prior='hierarchical', kl='monte_carlo', top_prior='vamp'),
+     "--top_prior='vamp' is not known"),
 ])
 def test_bad_prior_configs_name_the_flag(overrides, message):
   with pytest.raises(errors.ConfigError, match=message):
@@ -355,6 +359,41 @@ def test_hierarchical_log_prob_is_unbiased_for_the_marginal_density():
   np.testing.assert_allclose(estimate, exact, atol=0.03)
   # A single draw is a lower bound in expectation (Jensen), strictly here.
   assert np.all(log_w.mean(0) < exact - 1e-3)
+
+
+def test_a_mixture_on_top_replaces_log_p_u_and_learns():
+  """With top_components K, log p(u) is the mixture's at the same u (the same
+  networks and noise otherwise); the VAE's loss reaches the mixture's variables,
+  and p(u)'s draws come from the mixture."""
+  plain = latent_priors.HierarchicalPrior(3, 2, 5, seed=1)
+  mixed = latent_priors.HierarchicalPrior(3, 2, 5, seed=1, top_components=4)
+  rng = np.random.default_rng(5)
+  for a, b in zip(plain.trainable_variables, [v for v in mixed.trainable_variables
+                                              if 'mixture' not in v.name]):
+    value = rng.normal(0.0, 0.3, a.shape).astype(np.float32)
+    a.assign(value)
+    b.assign(value)
+  z = tf.constant(rng.normal(size=[6, 3]), tf.float32)
+  noise = _prior_noise([3, 1])
+  u_loc, u_scale = mixed().top_posterior(z)
+  u = u_loc + u_scale * noise.normal([6, 2])
+  expected = (plain().log_prob(z, noise) - latent_priors.standard_normal(2).log_prob(u)
+              + mixed.top().log_prob(u))
+  np.testing.assert_allclose(mixed().log_prob(z, noise).numpy(), expected.numpy(),
+                             rtol=1e-5, atol=1e-4)
+
+  model = _model('hierarchical', top_prior='mixture')
+  _move_hierarchical_prior(model)
+  with tf.GradientTape() as tape:
+    loss, _, _ = model.loss_terms(_images(6), kl_weight=1.0, seed=tf.constant([1, 2]))
+    loss = tf.reduce_mean(loss)
+  top = model.prior.top.trainable_variables
+  assert len(top) == 3
+  assert all(np.any(g.numpy()) for g in tape.gradient(loss, top))
+  model.prior.top.locs.assign(tf.constant([[40.0, 40.0]] * 4))
+  model.prior.top.raw_scales.assign(tf.fill([4, 2], -20.0))
+  u = model.prior.top().sample(5, tf.constant([1, 2])).numpy()
+  np.testing.assert_allclose(u, 40.0, atol=1e-3)
 
 
 def test_the_objectives_refuse_a_hierarchical_prior_without_its_noise():
