@@ -47,6 +47,12 @@ def reparameterized_sample(approx_posterior, eps):
   return approx_posterior.loc + approx_posterior.scale.matvec(eps)
 
 
+def standard_normal_log_prob(eps):
+  """log N(eps; 0, I) for eps [..., d], summed over the last axis; returns [...]."""
+  d = tf.cast(tf.shape(eps)[-1], eps.dtype)
+  return -0.5 * tf.reduce_sum(tf.square(eps), axis=-1) - 0.5 * d * math.log(2 * math.pi)
+
+
 def reparameterized_log_prob(approx_posterior, eps):
   """log q(z) at the reparameterized sample z = loc + scale @ eps, from eps.
 
@@ -69,9 +75,7 @@ def reparameterized_log_prob(approx_posterior, eps):
   if not _is_location_scale_normal(approx_posterior):
     raise TypeError(f'reparameterized_log_prob needs a location-scale normal q(z|x), '
                     f'got {type(approx_posterior).__name__}.')
-  d = tf.cast(tf.shape(eps)[-1], eps.dtype)
-  standard = -0.5 * tf.reduce_sum(tf.square(eps), axis=-1) - 0.5 * d * math.log(2 * math.pi)
-  return standard - approx_posterior.scale.log_abs_determinant()
+  return standard_normal_log_prob(eps) - approx_posterior.scale.log_abs_determinant()
 
 
 def sample_with_log_prob(approx_posterior, num, seed):

@@ -43,6 +43,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras
 
+from engine import objectives
+
 tfd = tfp.distributions
 
 LATENT_PRIORS = ('normal', 'mixture', 'vamp', 'hierarchical')
@@ -172,12 +174,6 @@ def _diagonal_normal_params(params, dim):
   return params[..., :dim], tf.math.softplus(params[..., dim:]) + 1e-5
 
 
-def _standard_normal_log_prob(eps):
-  """log N(eps; 0, I) summed over the last axis."""
-  d = tf.cast(tf.shape(eps)[-1], eps.dtype)
-  return -0.5 * tf.reduce_sum(tf.square(eps), axis=-1) - 0.5 * d * math.log(2 * math.pi)
-
-
 class HierarchicalLatents:
   """p(z) of `HierarchicalPrior`: a one-sample log-density and seeded `sample`.
 
@@ -209,15 +205,16 @@ class HierarchicalLatents:
     eps = noise.normal(lead + [self._m.top_dim], batch_axis=z.shape.rank - 2)
     u_loc, u_scale = self.top_posterior(z)
     u = u_loc + u_scale * eps
-    log_q_u = _standard_normal_log_prob(eps) - tf.reduce_sum(tf.math.log(u_scale), axis=-1)
+    log_q_u = (objectives.standard_normal_log_prob(eps)
+               - tf.reduce_sum(tf.math.log(u_scale), axis=-1))
     z_loc, z_scale = self.conditional(u)
-    log_p_z = _standard_normal_log_prob((z - z_loc) / z_scale) - tf.reduce_sum(
+    log_p_z = objectives.standard_normal_log_prob((z - z_loc) / z_scale) - tf.reduce_sum(
         tf.math.log(z_scale), axis=-1)
     return log_p_z + self._top_log_prob(u) - log_q_u
 
   def _top_log_prob(self, u):
     if self._m.top is None:
-      return _standard_normal_log_prob(u)
+      return objectives.standard_normal_log_prob(u)
     return self._m.top().log_prob(u)
 
   def sample(self, num, seed):
@@ -259,7 +256,7 @@ class HierarchicalPrior(tf.Module):
     def network(inputs, outputs, net_name, salt):
       bias = np.concatenate([np.zeros([outputs], np.float32),
                              np.full([outputs], _UNIT_SCALE_RAW, np.float32)])
-      net = tf_keras.Sequential([
+      return tf_keras.Sequential([
           tf_keras.Input((inputs,)),
           tf_keras.layers.Dense(
               units, activation=activation, name=f'{net_name}_hidden', dtype='float32',
@@ -268,7 +265,6 @@ class HierarchicalPrior(tf.Module):
               2 * outputs, name=f'{net_name}_params', dtype='float32',
               kernel_initializer='zeros',
               bias_initializer=tf_keras.initializers.Constant(bias))], name=net_name)
-      return net
 
     self.generative = network(self.top_dim, self.latent_dim, 'prior_conditional', 1)
     self.inference = network(self.latent_dim, self.top_dim, 'top_posterior', 2)

@@ -82,7 +82,7 @@ class VAEConfig:
     latent_prior: p(z): 'normal' (standard normal), 'mixture' (a learned mixture
       of diagonal Gaussians) or 'vamp' (the VampPrior: a mixture of the posteriors
       of learned pseudo-inputs) or 'hierarchical' (a second stochastic layer: p(z) =
-      integral of p(z | u) N(u; 0, I) du, with an auxiliary q(u | z)); see
+      integral of p(z | u) p(u) du, with an auxiliary q(u | z)); see
       models/latent_priors.py. The learned priors have no closed-form KL: they need
       kl='monte_carlo'.
     prior_components: K, the mixture's components or the VampPrior's pseudo-inputs.
