@@ -50,7 +50,8 @@ def mean_figures(exp, term_fn, keys, *, images, targets=None, per_example=False)
   """
   t = exp.config.train
   keep = tuple(keys) if per_example else ()
-  replica_eval = step_lib.make_replica_eval(term_fn, seed=t.seed, keep=keep)
+  replica_eval = step_lib.make_replica_eval(term_fn, seed=t.seed,
+                                            batch_size=t.eval_batch_size, keep=keep)
   sum_keys = ('count',) + tuple(k for name in keys for k in (name, name + '_sq'))
   eval_loop = loop_lib.EvalLoop(
       replica_eval, strategy=exp.strategy, keys=sum_keys, keep=keep,
@@ -82,7 +83,8 @@ class Predictor:
   def __init__(self, exp, predict_fn, *, jit_compile=None):
     t = exp.config.train
     self._exp = exp
-    replica_predict = step_lib.make_replica_predict(predict_fn, seed=t.seed)
+    replica_predict = step_lib.make_replica_predict(predict_fn, seed=t.seed,
+                                                    batch_size=t.eval_batch_size)
     self._loop = loop_lib.PredictLoop(
         replica_predict, strategy=exp.strategy,
         jit_compile=uses_xla(exp) if jit_compile is None else jit_compile)

@@ -251,13 +251,14 @@ def make_train_input(pipeline, images, **kwargs):
 
 
 def make_eval_dataset(strategy, images, *, batch_size, targets=None):
-  """A distributed dataset of {'image'[, 'target']} batches (all examples kept).
+  """A distributed dataset of {'image', 'index'[, 'target']} batches (all examples
+  kept), where 'index' is each example's position in the test set (int32).
 
   Args:
     images: float test images [M, H, W, C].
     targets: optional [M] labels or targets.
   """
-  data = {'image': images}
+  data = {'image': images, 'index': np.arange(len(images), dtype=np.int32)}
   if targets is not None:
     data['target'] = targets
   ds = tf.data.Dataset.from_tensor_slices(data).batch(batch_size).prefetch(2)

@@ -148,13 +148,31 @@ def _compile_per_measure(replica_step):
   return compiled_step
 
 
+def in_test_set_order(indices, parts):
+  """{name: rows} sorted by the rows' test-set `indices` [N] (the dataset's 'index').
+
+  Raises:
+    RuntimeError: the indices are not 0 .. N - 1, each once (the distributed test
+      set lost or repeated examples: a bug, never a figure to report).
+  """
+  order = np.argsort(indices, kind='stable')
+  if not np.array_equal(indices[order], np.arange(len(indices))):
+    missing = np.setdiff1d(np.arange(len(indices)), indices)
+    raise RuntimeError(
+        f'The evaluation saw {len(indices)} test examples but not each of 0 .. '
+        f'{len(indices) - 1} once (missing, first 10: {missing[:10].tolist()}): the '
+        f'distributed test set lost or repeated examples.')
+  return {k: v[order] for k, v in parts.items()}
+
+
 class EvalLoop:
   """Sums per-example figures over a distributed test set.
 
   `replica_eval(batch, batch_index)` returns (sums, kept) as
   `step.make_replica_eval` does. The call returns the totals of the sums named in
   `keys` and, for each name in `keep`, that figure of every test example, in
-  test-set order, as a numpy array under 'per_example'.
+  test-set order (by the batches' 'index', `inputs.make_eval_dataset`), as a numpy
+  array under 'per_example'.
 
   Without `keep`, the whole test set is one compiled call. With it, one compiled
   call per batch: a gather of the replicas' figures inside a compiled loop over
@@ -178,14 +196,18 @@ class EvalLoop:
       return {k: v.numpy() for k, v in self._fn(iter(dist_dataset)).items()}
     totals = {k: 0.0 for k in self._keys}
     parts = {k: [] for k in self._keep}
+    indices = []
     for index, batch in enumerate(dist_dataset):
-      sums, kept = self._batch_fn(batch, tf.constant(index, tf.int64))
+      sums, kept, example_index = self._batch_fn(batch, tf.constant(index, tf.int64))
       for k in self._keys:
         totals[k] += float(sums[k])
       for k in self._keep:
         parts[k].append(kept[k].numpy())
-    totals['per_example'] = {k: np.concatenate(v).astype(np.float32)
-                             for k, v in parts.items()}
+      indices.append(example_index.numpy())
+    totals['per_example'] = {
+        k: v.astype(np.float32)
+        for k, v in in_test_set_order(np.concatenate(indices),
+                                      {k: np.concatenate(v) for k, v in parts.items()}).items()}
     return totals
 
   def _run(self, iterator):
@@ -201,11 +223,11 @@ class EvalLoop:
 
   def _one_batch(self, batch, index):
     sums, kept = self._strategy.run(self._replica_eval, args=(batch, index))
-    # Replicas (and workers) hold consecutive slices of the global batch; gather
-    # concatenates them in replica order, so examples stay in test-set order.
+    # The figures and the examples' test-set indices, gathered in the same order.
     return ({k: self._strategy.reduce(tf.distribute.ReduceOp.SUM, sums[k], axis=None)
              for k in self._keys},
-            {k: self._strategy.gather(kept[k], axis=0) for k in self._keep})
+            {k: self._strategy.gather(kept[k], axis=0) for k in self._keep},
+            self._strategy.gather(batch['index'], axis=0))
 
 
 class PredictLoop:
@@ -213,7 +235,8 @@ class PredictLoop:
 
   One compiled call per test batch (prediction is not the hot path; the Python loop
   over batches keeps the outputs' variable batch sizes simple). Outputs of the
-  replica function must have the batch as their first axis.
+  replica function must have the batch as their first axis; they come back in
+  test-set order (by the batches' 'index', `inputs.make_eval_dataset`).
   """
 
   def __init__(self, replica_predict, *, strategy, jit_compile=False):
@@ -227,12 +250,16 @@ class PredictLoop:
 
   def _run(self, batch, index):
     out = self._strategy.run(self._replica_predict, args=(batch, index))
-    return {k: self._strategy.gather(v, axis=0) for k, v in out.items()}
+    return ({k: self._strategy.gather(v, axis=0) for k, v in out.items()},
+            self._strategy.gather(batch['index'], axis=0))
 
   def __call__(self, dist_dataset):
     parts = {}
+    indices = []
     for index, batch in enumerate(dist_dataset):
-      out = self._fn(batch, tf.constant(index, tf.int64))
+      out, example_index = self._fn(batch, tf.constant(index, tf.int64))
       for k, v in out.items():
         parts.setdefault(k, []).append(v.numpy())
-    return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+      indices.append(example_index.numpy())
+    return in_test_set_order(np.concatenate(indices),
+                             {k: np.concatenate(v, axis=0) for k, v in parts.items()})

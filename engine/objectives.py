@@ -78,19 +78,21 @@ def reparameterized_log_prob(approx_posterior, eps):
   return standard_normal_log_prob(eps) - approx_posterior.scale.log_abs_determinant()
 
 
-def sample_with_log_prob(approx_posterior, num, seed):
-  """`num` draws z ~ q [num, B, d] and log q(z) [num, B] (stateless `seed`).
+def sample_with_log_prob(approx_posterior, num, noise):
+  """`num` draws z ~ q [num, B, d] and log q(z) [num, B] (`noise`: an
+  `engine.sampling.Noise`, whose rows are q's batch).
 
   A location-scale normal q is sampled as loc + scale @ eps and scored from eps
-  (`reparameterized_log_prob`); any other q by its own `sample` and `log_prob`.
+  (`reparameterized_log_prob`), eps per example from `noise`; any other q by its own
+  `sample` (seeded by noise.seed: not per global row) and `log_prob`.
   """
   if _is_location_scale_normal(approx_posterior):
     loc = approx_posterior.loc
-    eps = tf.random.stateless_normal(tf.concat([[num], tf.shape(loc)], axis=0), seed=seed,
-                                     dtype=loc.dtype)
+    eps = noise.normal([num, tf.shape(loc)[0], loc.shape[-1]], batch_axis=1,
+                       dtype=loc.dtype)
     return (reparameterized_sample(approx_posterior, eps),
             reparameterized_log_prob(approx_posterior, eps))
-  z = approx_posterior.sample(num, seed=seed)
+  z = approx_posterior.sample(num, seed=noise.seed)
   return z, approx_posterior.log_prob(z)
 
 
@@ -163,7 +165,7 @@ def iwae_bound(log_weights):
 
 
 def iw_log_likelihood(approx_posterior, latent_prior, likelihood_fn, x, *,
-                      num_samples, chunk_size, seed):
+                      num_samples, chunk_size, noise=None, seed=None):
   """Importance-sampled estimate of log p(x) in nats, computed in chunks.
 
   Memory is bounded by `chunk_size` decoder evaluations per example at a time; only
@@ -176,7 +178,8 @@ def iw_log_likelihood(approx_posterior, latent_prior, likelihood_fn, x, *,
     x: the batch, shape [B, ...].
     num_samples: K, a Python int, a multiple of chunk_size.
     chunk_size: samples drawn per chunk (Python int).
-    seed: stateless seed, shape [2] int32.
+    noise: an `engine.sampling.Noise` (rows: x's examples); `seed` (int32 [2]) is
+      shorthand for Noise(seed). Chunk i draws from noise.fold(i).
 
   Returns:
     [B] estimates of log p(x) (a stochastic lower bound in expectation, tight as K grows).
@@ -186,11 +189,11 @@ def iw_log_likelihood(approx_posterior, latent_prior, likelihood_fn, x, *,
                      f'chunk_size={chunk_size}')
   num_chunks = num_samples // chunk_size
   log_weights = tf.TensorArray(approx_posterior.dtype, size=num_chunks)
+  noise = noise if noise is not None else sampling.Noise(seed)
   for i in tf.range(num_chunks):
-    chunk_seed = tf.random.experimental.stateless_fold_in(seed, i, alg='philox')
-    z, log_q = sample_with_log_prob(approx_posterior, chunk_size, chunk_seed)
-    prior_noise = sampling.Noise(
-        tf.random.experimental.stateless_fold_in(chunk_seed, PRIOR_NOISE_SALT, alg='philox'))
+    chunk_noise = noise.fold(i)
+    z, log_q = sample_with_log_prob(approx_posterior, chunk_size, chunk_noise)
+    prior_noise = chunk_noise.fold(PRIOR_NOISE_SALT)
     log_weights = log_weights.write(
         i, log_importance_weights(approx_posterior, latent_prior, likelihood_fn, x, z,
                                   log_q=log_q, prior_noise=prior_noise))

@@ -3,15 +3,14 @@
 A training step's noise (latent samples, weight samples, Flipout signs, local
 reparameterization noise) is a pure function of (run seed, step, purpose), and the
 noise of a *given global example* is the same whatever the number of replicas:
-per-example noise is drawn for the whole global batch and each replica keeps its
-rows. Noise shared by the whole batch (one weight sample per step) is drawn from
-the same seed on every replica. So training with 1 replica and with 2 replicas at
-the same global batch computes the same global-batch gradient, and a resumed run
-draws what an uninterrupted run would have drawn.
-
-The price is that each replica draws G rows of per-example noise to keep B = G / R
-of them; for the noise sizes used here (latents, activations, sign vectors) that is
-small next to the network's matmuls.
+per-example noise is a function of the example's row in the global batch (each
+element's bits hash its flat index in the global batch's tensor, and each replica
+computes those of its own rows). Noise shared by the whole batch (one weight sample
+per step) is drawn from the same seed on every replica. So training with 1 replica
+and with 2 replicas at the same global batch computes the same global-batch
+gradient, and a resumed run draws what an uninterrupted run would have drawn. The
+evaluation does the same with each test example's row in its test batch, so test
+figures do not depend on the number of replicas either.
 """
 import math
 
@@ -49,15 +48,20 @@ def _mix32(x):
   return tf.bitwise.bitwise_xor(x, shift(x, tf.constant(16, tf.uint32)))
 
 
-def _hash_bits(count, seed):
-  """uint32 [count]: bits of element i = mix(mix(mix(i * golden ^ k0) ^ k1) + k0)."""
+def _hash_at(index, seed):
+  """uint32 bits of the elements whose flat indices are `index` (uint32, any shape):
+  bits of element i = mix(mix(mix(i * golden ^ k0) ^ k1) + k0)."""
   key = tf.bitcast(tf.convert_to_tensor(seed, tf.int32), tf.uint32)
   k0 = _mix32(tf.bitwise.bitwise_xor(key[0], tf.constant(_KEY_SALT[0], tf.uint32)))
   k1 = _mix32(tf.bitwise.bitwise_xor(key[1], tf.constant(_KEY_SALT[1], tf.uint32)))
-  index = tf.cast(tf.range(count), tf.uint32) * tf.constant(_GOLDEN, tf.uint32)
-  x = _mix32(tf.bitwise.bitwise_xor(index, k0))
+  x = _mix32(tf.bitwise.bitwise_xor(index * tf.constant(_GOLDEN, tf.uint32), k0))
   x = _mix32(tf.bitwise.bitwise_xor(x, k1))
   return _mix32(x + k0)
+
+
+def _hash_bits(count, seed):
+  """uint32 [count]: the bits of elements 0 .. count - 1."""
+  return _hash_at(tf.cast(tf.range(count), tf.uint32), seed)
 
 
 def uniform_bits(shape, seed):
@@ -66,10 +70,39 @@ def uniform_bits(shape, seed):
   return tf.reshape(_hash_bits(tf.reduce_prod(shape), seed), shape)
 
 
-def uniform(shape, seed):
+def uniform_bits_of_rows(shape, seed, *, batch_axis, positions, global_rows):
+  """The rows `positions` (along `batch_axis`) of `uniform_bits(global_shape, seed)`,
+  where global_shape is `shape` with `global_rows` at `batch_axis`: the same bits,
+  computed for those rows only (their flat indices hashed directly).
+
+  Args:
+    shape: the local shape (rank static); shape[batch_axis] = len(positions).
+    positions: int [B] rows of the global batch, each in [0, global_rows).
+    global_rows: the global batch's size (int or scalar Tensor).
+  """
+  rank = len(shape)
+  dims = [tf.cast(n, tf.int64) for n in shape]
+  dims[batch_axis] = tf.cast(global_rows, tf.int64)
+  index = tf.zeros([], tf.int64)
+  for axis in range(rank):
+    coord = (tf.cast(positions, tf.int64) if axis == batch_axis
+             else tf.range(tf.cast(shape[axis], tf.int64)))
+    index = index * dims[axis] + tf.reshape(
+        coord, [-1 if a == axis else 1 for a in range(rank)])
+  # uint32 wraps as the int32 range of `uniform_bits` does for < 2^32 elements.
+  index = tf.cast(tf.bitwise.bitwise_and(index, 0xFFFFFFFF), tf.uint32)
+  return _hash_at(index, seed)
+
+
+def uniform_from_bits(bits):
   """float32 uniform on (0, 1): the grid (m + 1/2) 2^-23 of the top 23 bits m (exact)."""
-  m = tf.cast(tf.bitwise.right_shift(uniform_bits(shape, seed), 9), tf.float32)
+  m = tf.cast(tf.bitwise.right_shift(bits, 9), tf.float32)
   return (m + 0.5) * 2.0 ** -23
+
+
+def uniform(shape, seed):
+  """float32 uniform on (0, 1) of `shape` (`uniform_from_bits` of `uniform_bits`)."""
+  return uniform_from_bits(uniform_bits(shape, seed))
 
 
 def inverted_dropout(h, rate, uniform_draws):
@@ -109,8 +142,7 @@ def normal_from_bits(bits):
   On its own under XLA: 1.21 ms for 477,600 normals against 1.31 ms through
   tf.math.erfinv on the same bits (`benchmarks/rng.py`, benchmarks/RESULTS.md).
   """
-  m = tf.cast(tf.bitwise.right_shift(bits, 9), tf.float32)
-  u = (m + 0.5) * 2.0 ** -23
+  u = uniform_from_bits(bits)
   x = 2.0 * u - 1.0  # exact: a multiple of 2^-23 in (-1, 1)
   w = -tf.math.log(4.0 * u * (1.0 - u))
   p = tf.where(w < 5.0, _horner(_ERFINV_CENTRAL, w - 2.5),
@@ -126,16 +158,24 @@ def standard_normal(shape, seed):
 class Noise:
   """Stateless noise for one replica at one step.
 
+  Per-example noise is that of the global batch's rows this replica holds, so a
+  given global example draws the same noise however the batch is split.
+
   Args:
     seed: int32 [2] seed for this step and purpose (e.g. `inputs.step_seed`).
     replica_id: this replica's index in the sync group (int or scalar Tensor).
-    num_replicas: replicas in sync (Python int).
+    num_replicas: replicas in sync (Python int). Replica r holds rows
+      [r B, (r + 1) B) of a global batch of num_replicas * B (the training split).
+    rows: instead, (positions, global_rows): this replica holds rows `positions`
+      (int [B]) of a global batch of `global_rows` rows, for splits that are not
+      even (a test set's last, partial batch) or not known in advance.
   """
 
-  def __init__(self, seed, replica_id=0, num_replicas=1):
+  def __init__(self, seed, replica_id=0, num_replicas=1, *, rows=None):
     self.seed = tf.convert_to_tensor(seed, tf.int32)
     self.replica_id = replica_id
     self.num_replicas = int(num_replicas)
+    self.rows = rows
 
   @classmethod
   def from_replica_context(cls, seed):
@@ -143,9 +183,9 @@ class Noise:
     return cls(seed, ctx.replica_id_in_sync_group, ctx.num_replicas_in_sync)
 
   def fold(self, salt):
-    """An independent stream for another purpose (salt: int)."""
+    """An independent stream for another purpose (salt: int or int scalar Tensor)."""
     return Noise(tf.random.experimental.stateless_fold_in(self.seed, salt, alg='philox'),
-                 self.replica_id, self.num_replicas)
+                 self.replica_id, self.num_replicas, rows=self.rows)
 
   def split(self, n):
     """n independent streams."""
@@ -159,30 +199,27 @@ class Noise:
     return tf.cast(uniform(shape, self.seed), dtype)
 
   # Per example: rows of the global batch; `batch_axis` of `shape` is the local batch.
-  def _global(self, draw, shape, batch_axis):
+  def _bits(self, shape, batch_axis):
     shape = list(shape)
-    local = shape[batch_axis]
-    if self.num_replicas == 1:
-      return draw(shape)
-    shape[batch_axis] = local * self.num_replicas
-    full = draw(shape)
-    begin = [0] * len(shape)
-    begin[batch_axis] = self.replica_id * local
-    size = list(shape)
-    size[batch_axis] = local
-    return tf.slice(full, begin, size)
+    if self.rows is not None:
+      positions, global_rows = self.rows
+    elif self.num_replicas == 1:
+      return uniform_bits(shape, self.seed)
+    else:
+      local = shape[batch_axis]
+      positions = self.replica_id * local + tf.range(local)
+      global_rows = local * self.num_replicas
+    return uniform_bits_of_rows(shape, self.seed, batch_axis=batch_axis,
+                                positions=positions, global_rows=global_rows)
 
   def normal(self, shape, *, batch_axis=0, dtype=tf.float32):
     """Standard normal noise of `shape`, whose `batch_axis` is the local batch."""
-    return self._global(lambda s: tf.cast(standard_normal(s, self.seed), dtype),
-                        shape, batch_axis)
+    return tf.cast(normal_from_bits(self._bits(shape, batch_axis)), dtype)
 
   def uniform(self, shape, *, batch_axis=0, dtype=tf.float32):
-    return self._global(lambda s: tf.cast(uniform(s, self.seed), dtype), shape, batch_axis)
+    return tf.cast(uniform_from_bits(self._bits(shape, batch_axis)), dtype)
 
   def rademacher(self, shape, *, batch_axis=0, dtype=tf.float32):
     """+-1 with equal probability (Flipout sign vectors)."""
-    def draw(s):
-      bit = tf.cast(tf.bitwise.right_shift(uniform_bits(s, self.seed), 31), tf.int32)
-      return tf.cast(2 * bit - 1, dtype)
-    return self._global(draw, shape, batch_axis)
+    bit = tf.cast(tf.bitwise.right_shift(self._bits(shape, batch_axis), 31), tf.int32)
+    return tf.cast(2 * bit - 1, dtype)

@@ -127,12 +127,32 @@ def measurement_share(value, global_batch_size, num_replicas):
   return objectives.global_batch_mean(value, global_batch_size)
 
 
-def make_replica_eval(term_fn, *, seed, keep=()):
+def eval_batch_noise(seed, salt, batch, batch_index, batch_size):
+  """The `sampling.Noise` of a replica's part of test batch `batch_index`.
+
+  A function of (seed, batch index, salt) and of each example's row in the global
+  test batch (from the batch's 'index', its position in the test set), not of the
+  replica: the same test example draws the same noise over 1 replica or many,
+  including in the last, partial batch.
+
+  Args:
+    batch: this replica's part, with 'index' (`inputs.make_eval_dataset`).
+    batch_size: the test batches' global size (the last may be smaller).
+  """
+  key = inputs.step_seed(seed, batch_index, salt)
+  first = tf.cast(batch_index, tf.int64) * batch_size
+  positions = tf.cast(tf.cast(batch['index'], tf.int64) - first, tf.int32)
+  return sampling.Noise(key, rows=(positions, batch_size))
+
+
+def make_replica_eval(term_fn, *, seed, batch_size, keep=()):
   """Returns replica_eval(batch, batch_index) -> (sums, kept).
 
   Args:
     term_fn: (batch, noise) -> dict of per-example [B] figures.
-    seed: run seed; the noise of test batch i is a function of (seed, i, replica).
+    seed: run seed; the noise of a test example is a function of (seed, its batch
+      index, its row in the batch) (`eval_batch_noise`).
+    batch_size: the test batches' global size.
     keep: names of figures also returned per example (`kept`, [B] each), for
       paired comparisons of runs on the same test examples.
 
@@ -141,10 +161,7 @@ def make_replica_eval(term_fn, *, seed, keep=()):
   """
 
   def replica_eval(batch, batch_index):
-    ctx = tf.distribute.get_replica_context()
-    key = tf.random.experimental.stateless_fold_in(
-        inputs.step_seed(seed, batch_index, 0xE7), ctx.replica_id_in_sync_group, alg='philox')
-    terms = term_fn(batch, sampling.Noise(key))
+    terms = term_fn(batch, eval_batch_noise(seed, 0xE7, batch, batch_index, batch_size))
     sums = {'count': tf.cast(tf.shape(batch['image'])[0], tf.float32)}
     for k, v in terms.items():
       sums[k] = tf.reduce_sum(v)
@@ -154,18 +171,16 @@ def make_replica_eval(term_fn, *, seed, keep=()):
   return replica_eval
 
 
-def make_replica_predict(predict_fn, *, seed):
+def make_replica_predict(predict_fn, *, seed, batch_size):
   """Returns replica_predict(batch, batch_index) -> dict of per-example outputs.
 
   Args:
     predict_fn: (batch, noise) -> dict of tensors whose first axis is the batch
       (or second, for [S, B, ...] Monte-Carlo outputs: see `EvalLoop` / `PredictLoop`).
+    batch_size: the test batches' global size (noise as in `make_replica_eval`).
   """
 
   def replica_predict(batch, batch_index):
-    ctx = tf.distribute.get_replica_context()
-    key = tf.random.experimental.stateless_fold_in(
-        inputs.step_seed(seed, batch_index, 0xE8), ctx.replica_id_in_sync_group, alg='philox')
-    return predict_fn(batch, sampling.Noise(key))
+    return predict_fn(batch, eval_batch_noise(seed, 0xE8, batch, batch_index, batch_size))
 
   return replica_predict

@@ -566,11 +566,16 @@ class VAE(tf.Module):
       return distortion, kl_weight * regularization, measurements
     return objectives.negative_elbo(distortion, rate, kl_weight), regularization, measurements
 
-  def eval_terms(self, x, *, seed, iw_samples, iw_chunk_size):
-    """Per-example test figures: elbo, rate, distortion and (if iw_samples) log p(x)."""
-    post_seed, iw_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  def eval_terms(self, x, *, iw_samples, iw_chunk_size, noise=None, seed=None):
+    """Per-example test figures: elbo, rate, distortion and (if iw_samples) log p(x).
+
+    noise: an `engine.sampling.Noise` (rows: x's examples); `seed` is shorthand for
+    Noise(seed) (one replica).
+    """
+    noise = noise if noise is not None else sampling.Noise(seed)
+    post_noise, iw_noise = noise.split(2)
     q = self.approx_posterior(x)
-    eps = tf.random.stateless_normal(tf.shape(q.loc), seed=post_seed)
+    eps = post_noise.normal([tf.shape(x)[0], self.config.latent_dim])
     z = self.posterior_sample(q, eps)
     distortion = objectives.distortion(self.likelihood(z), x)
     prior = self.prior_distribution()
@@ -579,9 +584,7 @@ class VAE(tf.Module):
     rate = (objectives.analytic_rate(q, prior) if self.config.latent_prior == 'normal'
             else objectives.monte_carlo_rate(
                 q, prior, z, log_q=objectives.reparameterized_log_prob(q, eps),
-                prior_noise=sampling.Noise(
-                    tf.random.experimental.stateless_fold_in(
-                        post_seed, objectives.PRIOR_NOISE_SALT, alg='philox'))))
+                prior_noise=post_noise.fold(objectives.PRIOR_NOISE_SALT)))
     out = {'distortion': distortion, 'rate': rate, 'elbo': -(distortion + rate)}
     if iw_samples:
       chunk = min(iw_chunk_size, iw_samples)
@@ -590,7 +593,7 @@ class VAE(tf.Module):
                               * self.pixelcnn.floats_per_pixel())
       out['log_likelihood'] = objectives.iw_log_likelihood(
           q, prior, self.likelihood, x, num_samples=iw_samples, chunk_size=chunk,
-          seed=iw_seed)
+          noise=iw_noise)
     return out
 
   def reconstruct(self, x, seed):
@@ -810,7 +813,7 @@ def evaluate(exp, *, final=True, iw_samples=None, images=None):
   model = exp.model
 
   def term_fn(batch, noise):
-    return model.eval_terms(batch['image'], seed=noise.seed, iw_samples=iw_samples,
+    return model.eval_terms(batch['image'], noise=noise, iw_samples=iw_samples,
                             iw_chunk_size=t.iw_chunk_size)
 
   out = evaluation.mean_figures(

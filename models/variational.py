@@ -29,8 +29,8 @@ slower than a deterministic MLP on our CPU, and sample statefully per replica. H
 all randomness comes from an `engine.sampling.Noise` passed to each call, so a
 step's noise is a function of (run seed, step) and is the same whatever the
 replica split: shared draws (the weight perturbation) are identical on every
-replica, per-example draws (signs, pre-activation noise) are drawn for the global
-batch and sliced.
+replica, per-example draws (signs, pre-activation noise) are those of the replica's
+rows of the global batch.
 
 Calling conventions (both go through `tf_keras.layers.Layer.__call__`):
 

@@ -496,3 +496,17 @@ def test_two_workers_agree_and_only_the_chief_writes_the_model_dir(tmp_path, pip
   # The chief's checkpoint holds the weights both workers ended with.
   values = _checkpoint_values(model_dir / 'checkpoints' / f'ckpt-{steps}')
   assert int(values['step/.ATTRIBUTES/VARIABLE_VALUE']) == steps
+  if pipeline != 'tf_data':
+    return
+  # The same checkpoint evaluated by one process on one device gives every test
+  # example the same figure in the same place: the two workers' halves of each test
+  # batch are put in test-set order by index, and each example's noise is that of
+  # its row, not of its worker.
+  proc = subprocess.run([sys.executable, '-m', 'bin.evaluate', f'--model_dir={model_dir}'],
+                        cwd=ROOT, env=_env(), capture_output=True, text=True,
+                        timeout=TIMEOUT, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  single, _, single_step = evaluation.read_per_example(str(model_dir))
+  assert single_step == steps
+  np.testing.assert_allclose(single['elbo'], figures['elbo'], rtol=1e-5, atol=1e-4)
+  assert np.std(single['elbo']) > 0.1  # not one figure for every example

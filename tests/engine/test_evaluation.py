@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from engine import errors
 from engine import evaluation
+from engine import loop as loop_lib
 
 
 def _exp(strategy, *, jit_compile):
@@ -18,7 +19,7 @@ def _term_fn(batch, noise):
   x = batch['image']
   b = tf.shape(x)[0]
   return {'total': tf.reduce_sum(x, axis=[1, 2, 3]),
-          'noisy': tf.random.stateless_normal([b], seed=noise.seed)}
+          'noisy': noise.normal([b])}
 
 
 @pytest.mark.parametrize('jit_compile', [False, True])
@@ -72,3 +73,15 @@ def test_read_per_example_refuses_missing_and_corrupt_files(tmp_path):
   (tmp_path / 'x.npz').rename(tmp_path / evaluation.PER_EXAMPLE_FILE)
   with pytest.raises(errors.DataError, match='one length per test example'):
     evaluation.read_per_example(str(tmp_path))
+
+
+def test_rows_are_put_in_test_set_order_and_lost_or_repeated_examples_refused():
+  indices = np.array([2, 0, 3, 1])
+  out = loop_lib.in_test_set_order(indices, {'a': np.array([20., 0., 30., 10.]),
+                                             'b': np.arange(8).reshape(4, 2)})
+  np.testing.assert_array_equal(out['a'], [0., 10., 20., 30.])
+  np.testing.assert_array_equal(out['b'], [[2, 3], [6, 7], [0, 1], [4, 5]])
+  for bad in ([2, 0, 2, 1], [0, 1, 2, 4]):
+    with pytest.raises(RuntimeError, match=r'not each of 0 \.\. 3 once \(missing, first '
+                                           r'10: \[3\]\)'):
+      loop_lib.in_test_set_order(np.array(bad), {'a': np.zeros(4)})

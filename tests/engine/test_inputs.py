@@ -261,13 +261,17 @@ def test_step_seed_depends_on_step_and_salt():
 
 
 def test_eval_dataset_keeps_every_example(mirrored_strategy):
-  """make_eval_dataset over 2 replicas covers all test examples, partial batch too."""
+  """make_eval_dataset over 2 replicas covers all test examples, partial batch too,
+  each with its index in the test set; batch b holds examples 4 b .. 4 b + 3."""
   images = np.arange(11, dtype=np.float32).reshape(11, 1, 1, 1)
   dist = inputs.make_eval_dataset(mirrored_strategy, images, batch_size=4)
   seen = []
-  for batch in dist:
-    for part in mirrored_strategy.experimental_local_results(batch['image']):
-      seen.extend(part.numpy().ravel().tolist())
+  for b, batch in enumerate(dist):
+    for part, index in zip(mirrored_strategy.experimental_local_results(batch['image']),
+                           mirrored_strategy.experimental_local_results(batch['index'])):
+      np.testing.assert_array_equal(part.numpy().ravel(), index.numpy())
+      assert np.all((index.numpy() >= 4 * b) & (index.numpy() < 4 * b + 4))
+      seen.extend(index.numpy().tolist())
   assert sorted(seen) == list(range(11))
 
 

@@ -17,6 +17,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from engine import objectives
+from engine import sampling
 
 tfd = tfp.distributions
 
@@ -562,7 +563,7 @@ def test_monte_carlo_rate_and_importance_weights_take_log_q_from_eps():
   are known equals the exact one; scored by `log_prob` both are far off."""
   q, _ = _ill_conditioned_tril(np.float32)
   prior = tfd.MultivariateNormalDiag(loc=tf.zeros([16]), scale_diag=tf.ones([16]))
-  z, log_q = objectives.sample_with_log_prob(q, 4000, tf.constant([3, 3]))
+  z, log_q = objectives.sample_with_log_prob(q, 4000, sampling.Noise(tf.constant([3, 3])))
   assert z.shape == (4000, 3, 16) and log_q.shape == (4000, 3)
   mc = objectives.monte_carlo_rate(q, prior, z, log_q=log_q).numpy()
   log_ratio = (log_q - prior.log_prob(z)).numpy()
@@ -571,7 +572,7 @@ def test_monte_carlo_rate_and_importance_weights_take_log_q_from_eps():
   assert np.all(np.abs(mc - analytic) < 4 * se), (mc, analytic, se)
   assert np.max(np.abs(objectives.monte_carlo_rate(q, prior, z).numpy() - analytic)) > 100.0
   # The log-likelihood estimate scores each chunk's draws from their eps: the same
-  # figure by hand, from the chunks' seeds.
+  # figure by hand, from the chunks' noise (chunk i: fold(i), rows on axis 1).
   x = tf.constant(np.random.RandomState(1).normal(size=(3, 16)).astype(np.float32))
   likelihood_fn = lambda zs: tfd.Independent(tfd.Normal(zs, 1.0), 1)
   seed = tf.constant([1, 2])
@@ -579,8 +580,7 @@ def test_monte_carlo_rate_and_importance_weights_take_log_q_from_eps():
                                      chunk_size=20, seed=seed).numpy()
   log_w = []
   for i in range(2):
-    eps = tf.random.stateless_normal(
-        [20, 3, 16], seed=tf.random.experimental.stateless_fold_in(seed, i, alg='philox'))
+    eps = sampling.Noise(seed).fold(i).normal([20, 3, 16], batch_axis=1)
     zs = q.loc + q.scale.matvec(eps)
     log_w.append(likelihood_fn(zs).log_prob(x) + prior.log_prob(zs)
                  - objectives.reparameterized_log_prob(q, eps))

@@ -37,8 +37,8 @@ CASES = {
                                             latent_dim=4, latent_prior='vamp',
                                             prior_components=5, kl='monte_carlo')),
     # BNNs: one weight sample shared by both replicas (Noise's shared draws), per-example
-    # Flipout signs, pre-activation noise and dropout masks drawn for the global batch
-    # and sliced, the KL counted once (replica_loss divides it by the replicas).
+    # Flipout signs, pre-activation noise and dropout masks those of each replica's rows
+    # of the global batch, the KL counted once (replica_loss divides it by the replicas).
     'bnn_reparameterization': ('bnn', bnn.BNNConfig(hidden_sizes=(16,),
                                                     bnn_layer='reparameterization')),
     'bnn_flipout': ('bnn', bnn.BNNConfig(hidden_sizes=(16,), bnn_layer='flipout')),
@@ -101,3 +101,47 @@ def test_a_different_seed_gives_different_weights(tmp_path, default_strategy):
   train_loop(iterator, tf.constant(STEPS, tf.int64))
   other = [v.numpy() for v in exp.model.trainable_variables]
   assert any(not np.allclose(a, b, rtol=1e-4, atol=5e-5) for a, b in zip(one, other))
+
+
+# The test figures too: each test example's noise (its ELBO's latent sample, its
+# importance samples, a hierarchical prior's u, a BNN's Flipout signs) is a function
+# of its row in the test batch, not of the replica (engine/step.eval_batch_noise).
+# 29 test examples in batches of 16: the last batch (13) splits unevenly, 7 and 6.
+EVAL_CASES = {
+    'vae_iw': ('vae', vae.VAEConfig(encoder_sizes=(32,), decoder_sizes=(32,), latent_dim=4,
+                                    posterior='full_cov')),
+    'vae_hierarchical': ('vae', vae.VAEConfig(
+        encoder_sizes=(32,), decoder_sizes=(32,), latent_dim=4, latent_prior='hierarchical',
+        top_latent_dim=3, top_units=16, kl='monte_carlo')),
+    'bnn_flipout': ('bnn', bnn.BNNConfig(hidden_sizes=(16,), bnn_layer='flipout',
+                                         num_mc_samples=3)),
+}
+
+
+def _test_figures(model_dir, strategy, model, options):
+  config = _config(model_dir, model, options)
+  config = config_lib.ExperimentConfig(
+      model=model, model_options=options,
+      data=config_lib.DataConfig(dataset='synthetic', synthetic_train_size=128,
+                                 synthetic_test_size=29),
+      train=config_lib.TrainConfig(**{**config_lib.to_dict(config)['train'],
+                                      'eval_batch_size': 16, 'eval_iw_samples': 8,
+                                      'iw_chunk_size': 4}))
+  exp = controller.build(config, strategy)
+  if model == 'vae':
+    return vae.evaluate(exp, final=True)['per_example']
+  return bnn._predictor(exp)(exp.task.test_images)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('case', sorted(EVAL_CASES))
+def test_one_and_two_replicas_give_the_same_test_figures(case, tmp_path, default_strategy,
+                                                          mirrored_strategy):
+  model, options = EVAL_CASES[case]
+  one = _test_figures(tmp_path / 'one', default_strategy, model, options)
+  two = _test_figures(tmp_path / 'two', mirrored_strategy, model, options)
+  assert sorted(one) == sorted(two)
+  for name in one:
+    assert one[name].shape[:2] == two[name].shape[:2] and 29 in one[name].shape[:2]
+    np.testing.assert_allclose(one[name], two[name], rtol=1e-4, atol=1e-4, err_msg=name)
+  if model == 'bnn':  # the Monte-Carlo samples differ: the noise is in the figures
+    assert np.std(one['probs'], axis=1).max() > 1e-3

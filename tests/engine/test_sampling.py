@@ -139,3 +139,54 @@ def test_rademacher_signs_are_balanced_and_independent_of_the_normal():
   assert abs(s.mean()) < 6 / math.sqrt(N)
   eps = noise.fold(1).normal([N // 8, 8]).numpy().reshape(-1)
   assert abs(np.corrcoef(s, eps)[0, 1]) < 6 / math.sqrt(N)
+
+
+@pytest.mark.parametrize('batch_axis', [0, 1, 2])
+def test_rows_of_the_global_draw_are_computed_exactly(batch_axis):
+  """uniform_bits_of_rows = those rows of the whole global draw, for any axis and
+  any positions (out of order, repeated, none), with static or run-time shapes,
+  compiled or not."""
+  global_shape = [5, 6, 7]
+  whole = sampling.uniform_bits(global_shape, _seed(3, 4)).numpy()
+  n = global_shape[batch_axis]
+  for positions in ([n - 1, 0, 2], [1, 1], list(range(n)), []):
+    shape = list(global_shape)
+    shape[batch_axis] = len(positions)
+    want = np.take(whole, positions, axis=batch_axis)
+    got = sampling.uniform_bits_of_rows(shape, _seed(3, 4), batch_axis=batch_axis,
+                                        positions=tf.constant(positions, tf.int32),
+                                        global_rows=n)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+  @tf.function(jit_compile=True, input_signature=[tf.TensorSpec([None], tf.int32)])
+  def dynamic(positions):
+    shape = list(global_shape)
+    shape[batch_axis] = tf.shape(positions)[0]
+    return sampling.uniform_bits_of_rows(shape, _seed(3, 4), batch_axis=batch_axis,
+                                         positions=positions, global_rows=n)
+  np.testing.assert_array_equal(dynamic(tf.constant([2, 0], tf.int32)).numpy(),
+                                np.take(whole, [2, 0], axis=batch_axis))
+
+
+def test_noise_of_a_row_is_that_of_the_global_batch_however_split():
+  """Each draw of a replica's rows (even split or explicit rows) equals those rows of
+  the one-replica draw of the global batch; another seed changes it."""
+  seed = _seed(8, 9)
+  whole = sampling.Noise(seed)
+  draws = {
+      'normal': lambda noise, n: noise.normal([3, n, 4], batch_axis=1),
+      'uniform': lambda noise, n: noise.uniform([n, 5]),
+      'rademacher': lambda noise, n: noise.rademacher([n, 2, 3]),
+  }
+  for name, draw in draws.items():
+    axis = 1 if name == 'normal' else 0
+    full = draw(whole.fold(5), 6).numpy()
+    parts = [draw(sampling.Noise(seed, r, 2).fold(5), 3).numpy() for r in range(2)]
+    np.testing.assert_array_equal(np.concatenate(parts, axis=axis), full, err_msg=name)
+    # An uneven split (4 + 2, the second out of order) by explicit rows.
+    uneven = [draw(sampling.Noise(seed, rows=(tf.constant(p), 6)).fold(5), len(p)).numpy()
+              for p in ([0, 1, 2, 3], [5, 4])]
+    np.testing.assert_array_equal(uneven[0], np.take(full, [0, 1, 2, 3], axis=axis))
+    np.testing.assert_array_equal(uneven[1], np.take(full, [5, 4], axis=axis))
+    other = draw(sampling.Noise(_seed(8, 10)).fold(5), 6).numpy()
+    assert not np.array_equal(other, full)
