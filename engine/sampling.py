@@ -89,7 +89,8 @@ def uniform_bits_of_rows(shape, seed, *, batch_axis, positions, global_rows):
              else tf.range(tf.cast(shape[axis], tf.int64)))
     index = index * dims[axis] + tf.reshape(
         coord, [-1 if a == axis else 1 for a in range(rank)])
-  # uint32 wraps as the int32 range of `uniform_bits` does for < 2^32 elements.
+  # Below 2^31 for any tensor `uniform_bits` can draw (its range is int32); the mask
+  # only makes the cast to uint32 well defined.
   index = tf.cast(tf.bitwise.bitwise_and(index, 0xFFFFFFFF), tf.uint32)
   return _hash_at(index, seed)
 
