@@ -13,8 +13,6 @@ import math
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from engine import sampling
-
 tfd = tfp.distributions
 
 KL_ESTIMATORS = ('analytic', 'monte_carlo', 'regularizer')
@@ -165,7 +163,7 @@ def iwae_bound(log_weights):
 
 
 def iw_log_likelihood(approx_posterior, latent_prior, likelihood_fn, x, *,
-                      num_samples, chunk_size, noise=None, seed=None):
+                      num_samples, chunk_size, noise):
   """Importance-sampled estimate of log p(x) in nats, computed in chunks.
 
   Memory is bounded by `chunk_size` decoder evaluations per example at a time; only
@@ -178,8 +176,8 @@ def iw_log_likelihood(approx_posterior, latent_prior, likelihood_fn, x, *,
     x: the batch, shape [B, ...].
     num_samples: K, a Python int, a multiple of chunk_size.
     chunk_size: samples drawn per chunk (Python int).
-    noise: an `engine.sampling.Noise` (rows: x's examples); `seed` (int32 [2]) is
-      shorthand for Noise(seed). Chunk i draws from noise.fold(i).
+    noise: an `engine.sampling.Noise` (rows: x's examples); chunk i draws from
+      noise.fold(i).
 
   Returns:
     [B] estimates of log p(x) (a stochastic lower bound in expectation, tight as K grows).
@@ -189,7 +187,6 @@ def iw_log_likelihood(approx_posterior, latent_prior, likelihood_fn, x, *,
                      f'chunk_size={chunk_size}')
   num_chunks = num_samples // chunk_size
   log_weights = tf.TensorArray(approx_posterior.dtype, size=num_chunks)
-  noise = noise if noise is not None else sampling.Noise(seed)
   for i in tf.range(num_chunks):
     chunk_noise = noise.fold(i)
     z, log_q = sample_with_log_prob(approx_posterior, chunk_size, chunk_noise)

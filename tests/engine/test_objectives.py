@@ -115,7 +115,7 @@ def _iw_log_likelihood_fn(model_):
     q = tfd.MultivariateNormalTriL(loc=loc, scale_tril=scale_tril)
     return objectives.iw_log_likelihood(
         q, model_.prior(), model_.likelihood, model_.x32(),
-        num_samples=num_samples, chunk_size=chunk_size, seed=seed)
+        num_samples=num_samples, chunk_size=chunk_size, noise=sampling.Noise(seed))
 
   def call(q, **kwargs):
     return run(q.loc, q.scale.to_dense(), **kwargs).numpy()
@@ -288,7 +288,7 @@ def test_iw_log_likelihood_rejects_ragged_chunks(model):
   with pytest.raises(ValueError, match='multiple of'):
     objectives.iw_log_likelihood(
         model.imperfect_posterior(), model.prior(), model.likelihood, model.x32(),
-        num_samples=1001, chunk_size=10, seed=tf.constant([1, 2]))
+        num_samples=1001, chunk_size=10, noise=sampling.Noise(tf.constant([1, 2])))
 
 
 def test_iw_log_likelihood_is_deterministic_in_stateless_seed(model, iw_log_likelihood):
@@ -303,7 +303,7 @@ def test_iw_log_likelihood_is_deterministic_in_stateless_seed(model, iw_log_like
   np.testing.assert_array_equal(first, second)
   eager = objectives.iw_log_likelihood(
       q, model.prior(), model.likelihood, model.x32(),
-      num_samples=200, chunk_size=50, seed=seed).numpy()
+      num_samples=200, chunk_size=50, noise=sampling.Noise(seed)).numpy()
   np.testing.assert_allclose(eager, first, rtol=0, atol=1e-5)
   other = iw_log_likelihood(q, num_samples=200, chunk_size=50,
                             seed=tf.constant([17, 43], tf.int32))
@@ -577,7 +577,7 @@ def test_monte_carlo_rate_and_importance_weights_take_log_q_from_eps():
   likelihood_fn = lambda zs: tfd.Independent(tfd.Normal(zs, 1.0), 1)
   seed = tf.constant([1, 2])
   est = objectives.iw_log_likelihood(q, prior, likelihood_fn, x, num_samples=40,
-                                     chunk_size=20, seed=seed).numpy()
+                                     chunk_size=20, noise=sampling.Noise(seed)).numpy()
   log_w = []
   for i in range(2):
     eps = sampling.Noise(seed).fold(i).normal([20, 3, 16], batch_axis=1)
