@@ -3,6 +3,12 @@
 `train(iterator, num_steps)` runs `num_steps` optimizer steps in one call (a
 `tf.range` loop), so Python and host synchronisation happen once per call, not per
 step. `num_steps` must be a Tensor: a Python int would retrace for every value.
+
+Autograph converts only this module's loop bodies. The replica functions (the step,
+the evaluation, the model code under them) are traced as plain graph code, so they
+write data-dependent control flow as `tf.cond` / `tf.while_loop`: converting them
+cost 1.5-2.5 s of every process's first trace of a training step, more than the
+tracing itself.
 """
 import numpy as np
 import tensorflow as tf
@@ -59,6 +65,9 @@ class TrainLoop:
     self._counter = step_counter
     self._keys = tuple(measurement_keys)
     self._input = train_input
+    replica_step = _graph_code(replica_step)
+    shared_noise_fn = _graph_code(shared_noise_fn)
+    after_step = _graph_code(after_step)
     if jit_compile:
       # A strategy's all-reduce (a merge_call) may not run inside a tf.cond's
       # branch: the two-program choice is for the default strategy only. Under
@@ -67,11 +76,11 @@ class TrainLoop:
       if distribute.is_default(strategy):
         replica_step = _compile_per_measure(replica_step)
       else:
-        replica_step = tf.function(replica_step, jit_compile=True)
+        replica_step = _xla(replica_step)
       if shared_noise_fn is not None:
-        shared_noise_fn = tf.function(shared_noise_fn, jit_compile=True)
+        shared_noise_fn = _xla(shared_noise_fn)
     if after_step is not None and jit_compile:
-      after_step = tf.function(after_step, jit_compile=True)
+      after_step = _xla(after_step)
     self._replica_step = replica_step
     self._draw = shared_noise_fn
     self._after_step = after_step
@@ -128,6 +137,16 @@ class TrainLoop:
     return preemption.agreed_stop(self._strategy, self._stop)
 
 
+def _graph_code(fn):
+  """fn, traced as it is (no autograph) when a loop body calls it."""
+  return None if fn is None else tf.autograph.experimental.do_not_convert(fn)
+
+
+def _xla(fn, **kwargs):
+  """fn as its own XLA program, traced without autograph (see the module doc)."""
+  return tf.function(fn, jit_compile=True, autograph=False, **kwargs)
+
+
 def _compile_per_measure(replica_step):
   """replica_step under XLA, as two programs chosen by `measure` outside XLA.
 
@@ -137,9 +156,8 @@ def _compile_per_measure(replica_step):
   every step. Here each value of `measure` has its own program, traced with it as
   a Python bool, and a `tf.cond` in the TF graph picks one per step.
   """
-  plain = tf.function(lambda *a: replica_step(a[0], a[1], False, *a[2:]), jit_compile=True)
-  measured = tf.function(lambda *a: replica_step(a[0], a[1], True, *a[2:]),
-                         jit_compile=True)
+  plain = _xla(lambda *a: replica_step(a[0], a[1], False, *a[2:]))
+  measured = _xla(lambda *a: replica_step(a[0], a[1], True, *a[2:]))
 
   def compiled_step(args, step, measure, *rest):
     return tf.cond(measure, lambda: measured(args, step, *rest),
@@ -186,8 +204,8 @@ class EvalLoop:
     self._keys = tuple(keys)
     self._keep = tuple(keep)
     # XLA per replica step; the last batch may be smaller, which compiles once more.
-    self._replica_eval = (tf.function(replica_eval, jit_compile=True) if jit_compile
-                          else replica_eval)
+    replica_eval = _graph_code(replica_eval)
+    self._replica_eval = _xla(replica_eval) if jit_compile else replica_eval
     self._fn = tf.function(self._run)
     self._batch_fn = tf.function(self._one_batch, reduce_retracing=True)
 
@@ -243,8 +261,8 @@ class PredictLoop:
     self._strategy = strategy
     # reduce_retracing: partial last batches and several test sets of other sizes
     # share one trace with a dynamic batch dimension.
-    self._replica_predict = (tf.function(replica_predict, jit_compile=True,
-                                         reduce_retracing=True) if jit_compile
+    replica_predict = _graph_code(replica_predict)
+    self._replica_predict = (_xla(replica_predict, reduce_retracing=True) if jit_compile
                              else replica_predict)
     self._fn = tf.function(self._run, reduce_retracing=True)
 

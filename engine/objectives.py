@@ -186,14 +186,19 @@ def iw_log_likelihood(approx_posterior, latent_prior, likelihood_fn, x, *,
     raise ValueError(f'num_samples={num_samples} must be a multiple of '
                      f'chunk_size={chunk_size}')
   num_chunks = num_samples // chunk_size
-  log_weights = tf.TensorArray(approx_posterior.dtype, size=num_chunks)
-  for i in tf.range(num_chunks):
+
+  def chunk(i, log_weights):
     chunk_noise = noise.fold(i)
     z, log_q = sample_with_log_prob(approx_posterior, chunk_size, chunk_noise)
     prior_noise = chunk_noise.fold(PRIOR_NOISE_SALT)
-    log_weights = log_weights.write(
+    return i + 1, log_weights.write(
         i, log_importance_weights(approx_posterior, latent_prior, likelihood_fn, x, z,
                                   log_q=log_q, prior_noise=prior_noise))
+
+  # An explicit while_loop: the loops trace model code without autograph (engine.loop).
+  _, log_weights = tf.while_loop(
+      lambda i, _: i < num_chunks, chunk,
+      (tf.constant(0), tf.TensorArray(approx_posterior.dtype, size=num_chunks)))
   stacked = log_weights.concat()  # [num_samples, B]
   return iwae_bound(stacked)
 

@@ -364,7 +364,7 @@ def test_hierarchical_log_prob_is_unbiased_for_the_marginal_density():
 def test_a_mixture_on_top_replaces_log_p_u_and_learns():
   """With top_components K, log p(u) is the mixture's at the same u (the same
   networks and noise otherwise); the VAE's loss reaches the mixture's variables,
-  and p(u)'s draws come from the mixture."""
+  and the prior's draws of z come from p(z | u) at u drawn from the mixture."""
   plain = latent_priors.HierarchicalPrior(3, 2, 5, seed=1)
   mixed = latent_priors.HierarchicalPrior(3, 2, 5, seed=1, top_components=4)
   rng = np.random.default_rng(5)
@@ -394,6 +394,13 @@ def test_a_mixture_on_top_replaces_log_p_u_and_learns():
   model.prior.top.raw_scales.assign(tf.fill([4, 2], -20.0))
   u = model.prior.top().sample(5, tf.constant([1, 2])).numpy()
   np.testing.assert_allclose(u, 40.0, atol=1e-3)
+  # The prior's own draws of z go through that u: standardized by p(z | u = 40),
+  # they are standard normal (with u ~ N(0, I) instead, their mean is 5.6 off).
+  z = model.prior().sample(4000, tf.constant([3, 4]))
+  loc, scale = model.prior().conditional(tf.fill([1, 2], 40.0))
+  eps = ((z - loc) / scale).numpy()
+  np.testing.assert_allclose(eps.mean(axis=0), 0.0, atol=0.1)
+  np.testing.assert_allclose(eps.std(axis=0), 1.0, atol=0.1)
 
 
 def test_the_objectives_refuse_a_hierarchical_prior_without_its_noise():
