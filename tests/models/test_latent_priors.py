@@ -189,8 +189,10 @@ def test_rate_is_the_monte_carlo_log_ratio_of_the_same_sample(latent_prior):
   if latent_prior == 'hierarchical':
     _move_hierarchical_prior(model)
   x = _images(4)
-  rates = np.mean([model.loss_terms(x, kl_weight=1.0, seed=tf.constant([s, 0]))[2]['rate']
-                   .numpy() for s in range(300)], axis=0)
+  # Traced once (300 eager calls took 12 s), without autograph as the engine does.
+  rate = tf.function(lambda seed: model.loss_terms(x, kl_weight=1.0, seed=seed)[2]['rate'],
+                     autograph=False)
+  rates = np.mean([rate(tf.constant([s, 0])).numpy() for s in range(300)], axis=0)
   q = model.approx_posterior(x)
   z = q.sample(20000, seed=tf.constant([9, 9]))
   reference = objectives.monte_carlo_rate(q, model.prior_distribution(), z,
@@ -237,8 +239,7 @@ def test_bad_prior_configs_name_the_flag(overrides, message):
     vae.VAEConfig(**overrides)
 
 
-def _engine_config(model_dir, train_steps, components=8, latent_prior='vamp',
-                   jit_compile=True):
+def _engine_config(model_dir, train_steps, components=8, latent_prior='vamp'):
   return config_lib.ExperimentConfig(
       model='vae',
       model_options=vae.VAEConfig(encoder_sizes=(32,), decoder_sizes=(32,), latent_dim=4,
@@ -248,7 +249,7 @@ def _engine_config(model_dir, train_steps, components=8, latent_prior='vamp',
                                  synthetic_test_size=64),
       train=config_lib.TrainConfig(
           model_dir=str(model_dir), train_steps=train_steps, batch_size=32,
-          steps_per_loop=10, eval_every=20, checkpoint_every=20, jit_compile=jit_compile,
+          steps_per_loop=10, eval_every=20, checkpoint_every=20, jit_compile=False,
           eval_batch_size=32, eval_iw_samples=4, iw_chunk_size=2, num_summary_images=4))
 
 
@@ -270,8 +271,9 @@ def _train_resumed_and_whole(tmp_path, config):
 
 
 def test_vamp_prior_trains_and_resumes_through_the_engine(tmp_path):
-  """XLA steps move the pseudo-inputs; a resumed run restores them exactly and ends
-  where an uninterrupted one does."""
+  """Training moves the pseudo-inputs; a resumed run restores them exactly and ends
+  where an uninterrupted one does. (Without XLA: its three compilations took 30 of
+  this test's 42 s; the XLA step's resume is checked in test_cluster_jobs.)"""
   exp = _train_resumed_and_whole(tmp_path, _engine_config)
   initial = latent_priors.pseudo_input_images(exp.task.train_images, 8, 0)
   moved = exp.model.prior.pseudo_inputs.numpy()
@@ -282,9 +284,9 @@ def test_hierarchical_prior_trains_and_resumes_through_the_engine(tmp_path):
   """Training moves both networks of the hierarchical prior (from their zero output
   kernels); a resumed run ends where an uninterrupted one does: the prior's draws
   of u are step-indexed like every other noise. (Without XLA, to keep the test
-  short; the vamp test above runs the engine's XLA step.)"""
+  short.)"""
   exp = _train_resumed_and_whole(tmp_path, functools.partial(
-      _engine_config, latent_prior='hierarchical', jit_compile=False))
+      _engine_config, latent_prior='hierarchical'))
   for net in (exp.model.prior.generative, exp.model.prior.inference):
     assert np.max(np.abs(net.layers[-1].kernel.numpy())) > 1e-4
 
