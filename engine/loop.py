@@ -1,14 +1,14 @@
 """The compiled loops: the only module that applies tf.function.
 
 `train(iterator, num_steps)` runs `num_steps` optimizer steps in one call (a
-`tf.range` loop), so Python and host synchronisation happen once per call, not per
+`tf.while_loop`), so Python and host synchronisation happen once per call, not per
 step. `num_steps` must be a Tensor: a Python int would retrace for every value.
 
-Autograph converts only this module's loop bodies. The replica functions (the step,
-the evaluation, the model code under them) are traced as plain graph code, so they
-write data-dependent control flow as `tf.cond` / `tf.while_loop`: converting them
-cost 1.5-2.5 s of every process's first trace of a training step, more than the
-tracing itself.
+No autograph: the training loop, the replica functions (the step, the evaluation,
+the model code under them) are traced as plain graph code, so they write
+data-dependent control flow as `tf.cond` / `tf.while_loop`. Converting them cost
+1.5-2.5 s of every process's first trace of a training step, more than the tracing
+itself. (Only EvalLoop's loop over a distributed dataset is still converted.)
 """
 import numpy as np
 import tensorflow as tf
@@ -85,7 +85,7 @@ class TrainLoop:
     self._draw = shared_noise_fn
     self._after_step = after_step
     self._after_every = int(after_step_every)
-    self._loop = tf.function(self._run)
+    self._loop = tf.function(self._run, autograph=False)
 
   def __call__(self, iterator, num_steps):
     if not isinstance(num_steps, tf.Tensor):
@@ -94,15 +94,14 @@ class TrainLoop:
     return self._loop(iterator, num_steps)
 
   def _run(self, iterator, num_steps):
-    sums = {k: tf.constant(0.0) for k in self._keys}
-    last = dict(sums)
-    bad_step = tf.constant(-1, tf.int64)
-    done = tf.constant(0, tf.int64)
-    pending = () if self._draw is None else self._draw(self._counter.read_value())
-    for i in tf.range(num_steps):
-      if self._stop is not None:
-        if self._should_stop():
-          break
+    # A plain tf.while_loop (traced without autograph, like everything under it).
+    # The stop flag is read before the first step and after every step, for the next.
+    def cond(i, done, bad_step, stopping, sums, last, pending):
+      del done, sums, last, pending
+      return (i < num_steps) & (bad_step < 0) & tf.logical_not(stopping)
+
+    def body(i, done, bad_step, stopping, sums, last, pending):
+      del stopping
       step = self._counter.read_value()
       args = self._input.next_args(iterator, step)
       measure = tf.equal(i, num_steps - 1)
@@ -118,20 +117,25 @@ class TrainLoop:
                   for k in self._keys}
       self._counter.assign_add(1)
       if self._after_step is not None:
-        if tf.equal((step + 1) % self._after_every, 0):
-          self._strategy.run(self._after_step)
-      done += 1
+        tf.cond(tf.equal((step + 1) % self._after_every, 0),
+                lambda: self._strategy.run(self._after_step), lambda: None)
+      bad_step = tf.where(tf.math.is_finite(measured['loss']), bad_step, step)
       sums = {k: sums[k] + measured[k] for k in self._keys}
-      last = measured
-      if not tf.math.is_finite(measured['loss']):
-        bad_step = step
-        break
+      return (i + 1, done + 1, bad_step, self._should_stop(), sums, measured, pending)
+
+    zeros = {k: tf.constant(0.0) for k in self._keys}
+    pending = () if self._draw is None else self._draw(self._counter.read_value())
+    _, done, bad_step, _, sums, last, _ = tf.while_loop(
+        cond, body, (tf.constant(0, tf.int64), tf.constant(0, tf.int64),
+                     tf.constant(-1, tf.int64), self._should_stop(), zeros, dict(zeros),
+                     pending))
     means = {k: v / tf.cast(tf.maximum(done, 1), tf.float32) for k, v in sums.items()}
     means.update({k: last[k] for k in SAMPLED_MEASUREMENTS if k in self._keys})
     return means, done, bad_step
 
-
   def _should_stop(self):
+    if self._stop is None:
+      return tf.constant(False)
     if not self._agree:
       return self._stop.read_value()
     return preemption.agreed_stop(self._strategy, self._stop)

@@ -188,9 +188,13 @@ class Noise:
     return Noise(tf.random.experimental.stateless_fold_in(self.seed, salt, alg='philox'),
                  self.replica_id, self.num_replicas, rows=self.rows)
 
+  def stream(self, i):
+    """The i-th of `split`'s streams, drawn alone (each fold is ~50 graph ops)."""
+    return self.fold(0x51 + i)
+
   def split(self, n):
     """n independent streams."""
-    return [self.fold(0x51 + i) for i in range(n)]
+    return [self.stream(i) for i in range(n)]
 
   # Shared: identical on every replica.
   def shared_normal(self, shape, dtype=tf.float32):

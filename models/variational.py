@@ -445,7 +445,8 @@ class _VariationalLayer(tf_keras.layers.Layer):
     depends only on `noise`'s seed and this layer's salt (not on the replica), so
     it can be drawn apart from the training step and passed back to the call as
     `weight_noise` (engine/loop.py draws the next step's eps while this step runs).
-    The call itself draws it through this method, so both give the same eps.
+    The call draws it through the same code (`_weight_noise`), so both give the
+    same eps.
 
     Args:
       noise: the `engine.sampling.Noise` passed to the call (not folded).
@@ -455,10 +456,13 @@ class _VariationalLayer(tf_keras.layers.Layer):
     """
     if not self.draws_weight_noise:
       return None
-    noise = noise.fold(self.salt)
+    return self._weight_noise(noise.fold(self.salt))
+
+  def _weight_noise(self, layer_noise):
+    """weight_noise from the call's noise already folded with this layer's salt."""
     if self.estimator == 'flipout':
-      noise = noise.split(3)[0]
-    return noise.shared_normal(self._kernel_shape)
+      layer_noise = layer_noise.stream(0)  # the Flipout signs use streams 1 and 2
+    return layer_noise.shared_normal(self._kernel_shape)
 
   def call(self, inputs, noise=None, return_kl=False, weight_noise=None):
     """outputs, or (outputs, kl) when return_kl; noise=None: posterior-mean mode.
@@ -475,14 +479,16 @@ class _VariationalLayer(tf_keras.layers.Layer):
     else:
       # Once per call: the KL reuses log_scale (free for 'exp').
       scale, log_scale = posterior_scale(self.kernel_rho, self.posterior_scale)
-      eps = self.weight_noise(noise) if weight_noise is None else weight_noise
       noise = noise.fold(self.salt)
+      eps = weight_noise
+      if eps is None and self.draws_weight_noise:
+        eps = self._weight_noise(noise)
       w = None
       if self.estimator == 'reparameterization':
         w = loc + scale * eps
         outputs = self._linear(inputs, tf.cast(w, compute_dtype))
       elif self.estimator == 'flipout':
-        _, in_noise, out_noise = noise.split(3)
+        in_noise, out_noise = noise.stream(1), noise.stream(2)
         delta = scale * eps
         in_shape, out_shape, sign_rank = self._sign_shapes(inputs)
         sign_in = self._expand(in_noise.rademacher(in_shape), sign_rank)
