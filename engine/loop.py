@@ -117,8 +117,9 @@ class TrainLoop:
                   for k in self._keys}
       self._counter.assign_add(1)
       if self._after_step is not None:
-        tf.cond(tf.equal((step + 1) % self._after_every, 0),
-                lambda: self._strategy.run(self._after_step), lambda: None)
+        def after_step():
+          self._strategy.run(self._after_step)  # an update; no outputs to match
+        tf.cond(tf.equal((step + 1) % self._after_every, 0), after_step, lambda: None)
       bad_step = tf.where(tf.math.is_finite(measured['loss']), bad_step, step)
       sums = {k: sums[k] + measured[k] for k in self._keys}
       return (i + 1, done + 1, bad_step, self._should_stop(), sums, measured, pending)
