@@ -212,7 +212,7 @@ class EvalLoop:
     replica_eval = _graph_code(replica_eval)
     self._replica_eval = _xla(replica_eval) if jit_compile else replica_eval
     self._fn = tf.function(self._run)
-    self._batch_fn = tf.function(self._one_batch, reduce_retracing=True)
+    self._batch_fn = tf.function(self._one_batch, reduce_retracing=True, autograph=False)
 
   def __call__(self, dist_dataset):
     if not self._keep:
@@ -269,7 +269,7 @@ class PredictLoop:
     replica_predict = _graph_code(replica_predict)
     self._replica_predict = (_xla(replica_predict, reduce_retracing=True) if jit_compile
                              else replica_predict)
-    self._fn = tf.function(self._run, reduce_retracing=True)
+    self._fn = tf.function(self._run, reduce_retracing=True, autograph=False)
 
   def _run(self, batch, index):
     out = self._strategy.run(self._replica_predict, args=(batch, index))
