@@ -5,10 +5,10 @@
 step. `num_steps` must be a Tensor: a Python int would retrace for every value.
 
 No autograph: the training loop, the replica functions (the step, the evaluation,
-the model code under them) are traced as plain graph code, so they write
-data-dependent control flow as `tf.cond` / `tf.while_loop`. Converting them cost
-1.5-2.5 s of every process's first trace of a training step, more than the tracing
-itself. (Only EvalLoop's loop over a distributed dataset is still converted.)
+the model code under them, the evaluation's loop over a distributed test set) are
+traced as plain graph code, so they write data-dependent control flow as `tf.cond`
+/ `tf.while_loop`. Converting them cost 1.5-2.5 s of every process's first trace
+of a training step, more than the tracing itself.
 """
 import numpy as np
 import tensorflow as tf
@@ -211,7 +211,7 @@ class EvalLoop:
     # XLA per replica step; the last batch may be smaller, which compiles once more.
     replica_eval = _graph_code(replica_eval)
     self._replica_eval = _xla(replica_eval) if jit_compile else replica_eval
-    self._fn = tf.function(self._run)
+    self._fn = tf.function(self._run, autograph=False)
     self._batch_fn = tf.function(self._one_batch, reduce_retracing=True, autograph=False)
 
   def __call__(self, dist_dataset):
@@ -234,14 +234,24 @@ class EvalLoop:
     return totals
 
   def _run(self, iterator):
-    totals = {k: tf.constant(0.0) for k in self._keys}
-    index = tf.constant(0, tf.int64)
-    for x in iterator:
-      sums, _ = self._strategy.run(self._replica_eval, args=(x, index))
-      totals = {k: totals[k] + self._strategy.reduce(tf.distribute.ReduceOp.SUM, sums[k],
-                                                     axis=None)
-                for k in self._keys}
-      index += 1
+    # The loop autograph would write for `for x in iterator`: draw an optional
+    # batch, and run the body under tf.cond only when there was one.
+    def body(more, index, totals):
+      del more
+      batch = iterator.get_next_as_optional()
+
+      def add():
+        sums, _ = self._strategy.run(self._replica_eval, args=(batch.get_value(), index))
+        return index + 1, {k: totals[k] + self._strategy.reduce(
+            tf.distribute.ReduceOp.SUM, sums[k], axis=None) for k in self._keys}
+
+      index, totals = tf.cond(batch.has_value(), add, lambda: (index, totals))
+      return batch.has_value(), index, totals
+
+    _, _, totals = tf.while_loop(
+        lambda more, index, totals: more, body,
+        (tf.constant(True), tf.constant(0, tf.int64),
+         {k: tf.constant(0.0) for k in self._keys}))
     return totals
 
   def _one_batch(self, batch, index):
