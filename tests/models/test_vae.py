@@ -94,6 +94,33 @@ def test_likelihood_batch_and_event_shapes(architecture, image_shape, z_shape):
   assert p.log_prob(tf.zeros(image_shape)).shape.as_list() == list(z_shape)
 
 
+@pytest.mark.parametrize('events', ['binary', 'grey'])
+def test_logit_bernoulli_is_tfp_bernoulli_with_a_cheaper_log_prob(events):
+  """LogitBernoulli's log_prob and its gradient equal tfd.Bernoulli's for logits up
+  to +-60 (exp(-60) is far below float32's resolution at 1), binary or grey events;
+  sampling and the mean are tfd.Bernoulli's own."""
+  rng = np.random.RandomState(0)
+  logits = tf.constant(np.concatenate([rng.normal(0, 3, 500), np.linspace(-60, 60, 121)]),
+                       tf.float32)
+  x = (rng.randint(0, 2, logits.shape) if events == 'binary'
+       else rng.uniform(0, 1, logits.shape)).astype(np.float32)
+  results = []
+  for cls in (vae.LogitBernoulli, tfp.distributions.Bernoulli):
+    with tf.GradientTape() as tape:
+      tape.watch(logits)
+      log_p = cls(logits=logits, dtype=tf.float32).log_prob(x)
+    results.append((log_p.numpy(), tape.gradient(log_p, logits).numpy()))
+  (ours, our_grad), (theirs, their_grad) = results
+  np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(our_grad, their_grad, rtol=1e-6, atol=1e-6)
+  p = vae.LogitBernoulli(logits=logits, dtype=tf.float32)
+  np.testing.assert_allclose(p.mean().numpy(), tf.sigmoid(logits).numpy(), rtol=1e-6)
+  assert p.sample(seed=(1, 2)).dtype == tf.float32
+  # The VAE's factorized Bernoulli is this one.
+  assert isinstance(_model().likelihood(tf.zeros([2, LATENT])).distribution,
+                    vae.LogitBernoulli)
+
+
 def test_likelihood_of_sample_axis_matches_per_sample_calls():
   """The [K, B, d] path decodes each sample exactly as a separate [B, d] call does."""
   model = _model()
