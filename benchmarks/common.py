@@ -27,6 +27,9 @@ from engine import xla_cpu
 flags.DEFINE_enum('xla_cpu_vector_width', 'auto', list(xla_cpu.VECTOR_WIDTHS),
                   "XLA:CPU's preferred vector width (engine/xla_cpu.py); auto: 512 on a "
                   'CPU with AVX-512. Applies to every variant of the run alike.')
+flags.DEFINE_boolean('xla_cpu_ynn_fusions', False,
+                     "Keep XLA:CPU's YNNPACK fusions (engine/xla_cpu.py; off by default, "
+                     'as in bin/). Applies to every variant of the run alike.')
 
 
 # --------------------------------------------------------------------------- machine
@@ -76,8 +79,10 @@ def command_line():
 
 
 def configure_xla():
-  """Applies --xla_cpu_vector_width (before anything compiles) and prints XLA_FLAGS."""
+  """Applies --xla_cpu_vector_width and --xla_cpu_ynn_fusions (before anything
+  compiles) and prints XLA_FLAGS."""
   xla_cpu.configure(flags.FLAGS.xla_cpu_vector_width)
+  xla_cpu.configure_ynn_fusions(flags.FLAGS.xla_cpu_ynn_fusions)
   print(f'XLA_FLAGS: {os.environ.get("XLA_FLAGS", "") or "(none)"}', flush=True)
 
 

@@ -162,6 +162,11 @@ def define_flags():
                     "XLA:CPU's preferred vector width for compiled loops: auto (512 on a "
                     "CPU with AVX-512), default (XLA's own, 256), 256 or 512. A width "
                     'already in XLA_FLAGS wins. See engine/xla_cpu.py.')
+  flags.DEFINE_boolean('xla_cpu_ynn_fusions', False,
+                       "Keep XLA:CPU's YNNPACK fusions (XLA's default). Off by default: "
+                       "the VAE's XLA step ran as fast (batch 128) or faster (2048) "
+                       "without them on this project's CPU (engine/xla_cpu.py). A "
+                       'setting already in XLA_FLAGS wins.')
   flags.DEFINE_integer('seed', 0, 'Seed for init, data order, binarization, sampling (>= 0).')
   flags.DEFINE_integer('eval_batch_size', 500, 'Test batch size (> 0).')
   flags.DEFINE_integer('eval_iw_samples', 1000,
@@ -376,11 +381,13 @@ def experiment_config():
 
 
 def strategy():
-  """The strategy named by --strategy, resolved once (also applies --deterministic and
-  --xla_cpu_vector_width, which must precede the first XLA compilation)."""
+  """The strategy named by --strategy, resolved once (also applies --deterministic,
+  --xla_cpu_vector_width and --xla_cpu_ynn_fusions, which must precede the first XLA
+  compilation)."""
   import tensorflow as tf
   from engine import distribute
   xla_cpu.configure(FLAGS.xla_cpu_vector_width)
+  xla_cpu.configure_ynn_fusions(FLAGS.xla_cpu_ynn_fusions)
   if FLAGS.deterministic:
     tf.config.experimental.enable_op_determinism()
   if FLAGS.num_cpu_devices < 0:

@@ -1,4 +1,4 @@
-"""XLA's CPU code generation: the vector width of compiled loops.
+"""XLA's CPU code generation: the vector width of compiled loops, and YNNPACK fusions.
 
 XLA:CPU asks LLVM for 256-bit vectors by default, even on a CPU with AVX-512. The
 element-wise work of a step (weight noise, the posterior scale, the KL, Adam) then
@@ -11,6 +11,12 @@ deterministic network's (matmul-bound) step within its run-to-run spread.
 XLA reads `XLA_FLAGS` once, when it first compiles, so `configure` must run before
 the first XLA compilation of the process (bin/ calls it where it resolves the
 strategy). It never overrides a width already in `XLA_FLAGS`.
+
+`configure_ynn_fusions` turns off the YNNPACK fusions XLA:CPU makes by default (in
+TF 2.21 they took, among others, the sums over pixels and batch and the bias
+gradients). On the 2-core AVX-512 machine of benchmarks/RESULTS.md ("Session 28"),
+without them the default VAE's XLA training step ran 1.01-1.42x as fast at batch
+2048 in six alternated pairs of runs, and the same within the runs' spread at 128.
 """
 import os
 
@@ -18,6 +24,7 @@ from engine import errors
 
 VECTOR_WIDTHS = ('auto', 'default', '256', '512')
 _FLAG = '--xla_cpu_prefer_vector_width'
+_YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
 
 
 def cpu_has_avx512(cpuinfo_path='/proc/cpuinfo'):
@@ -66,3 +73,24 @@ def configure(vector_width='auto', *, environ=None, cpuinfo_path='/proc/cpuinfo'
     vector_width = '512'
   environ['XLA_FLAGS'] = f'{current} {_FLAG}={vector_width}'.strip()
   return int(vector_width)
+
+
+def configure_ynn_fusions(enabled=False, *, environ=None):
+  """Leaves XLA:CPU's YNNPACK fusions on (`enabled`) or turns them off, through
+  XLA_FLAGS, for the rest of the process (before its first XLA compilation).
+
+  A `--xla_cpu_experimental_ynn_fusion_type` already in XLA_FLAGS wins.
+
+  Returns:
+    Whether YNNPACK fusions stay on: XLA's default, or a non-empty type list in
+    XLA_FLAGS.
+  """
+  environ = os.environ if environ is None else environ
+  current = environ.get('XLA_FLAGS', '')
+  for token in current.split():
+    if token == _YNN_FLAG or token.startswith(_YNN_FLAG + '='):
+      return bool(token.partition('=')[2])
+  if enabled:
+    return True
+  environ['XLA_FLAGS'] = f'{current} {_YNN_FLAG}='.strip()
+  return False

@@ -1,4 +1,4 @@
-"""engine/xla_cpu.py: the XLA:CPU vector width, set through XLA_FLAGS."""
+"""engine/xla_cpu.py: the XLA:CPU vector width and YNNPACK fusions, set through XLA_FLAGS."""
 import os
 import subprocess
 import sys
@@ -87,3 +87,48 @@ def test_xla_compiles_with_the_width_set_after_tensorflow_is_imported(tmp_path):
   assert options, sorted(os.listdir(dump))[:10]
   text = (dump / options[0]).read_text()
   assert 'xla_cpu_prefer_vector_width: 512' in text, text
+
+
+def test_ynn_fusions_are_turned_off_unless_asked_for():
+  environ = {'XLA_FLAGS': '--xla_dump_to=/tmp/x'}
+  assert xla_cpu.configure_ynn_fusions(False, environ=environ) is False
+  assert environ['XLA_FLAGS'] == '--xla_dump_to=/tmp/x --xla_cpu_experimental_ynn_fusion_type='
+  assert xla_cpu.configure_ynn_fusions(False, environ=environ) is False  # idempotent
+  assert environ['XLA_FLAGS'].count('ynn') == 1
+  environ = {}
+  assert xla_cpu.configure_ynn_fusions(True, environ=environ) is True
+  assert environ == {}
+
+
+@pytest.mark.parametrize('setting,on', [('--xla_cpu_experimental_ynn_fusion_type=reduce', True),
+                                        ('--xla_cpu_experimental_ynn_fusion_type=', False)])
+def test_a_ynn_setting_already_in_xla_flags_wins(setting, on):
+  environ = {'XLA_FLAGS': setting}
+  assert xla_cpu.configure_ynn_fusions(not on, environ=environ) is on
+  assert environ == {'XLA_FLAGS': setting}
+
+
+@pytest.mark.parametrize('enabled', [True, False])
+def test_xla_makes_ynn_fusions_only_when_they_are_on(tmp_path, enabled):
+  """A reduction is a YNNPACK fusion under XLA's default and not once they are off
+  (so the flag is the one this XLA reads, and it is read at the first compilation)."""
+  dump = tmp_path / 'dump'
+  script = textwrap.dedent(f"""
+      import os, sys
+      sys.path.insert(0, {_REPO!r})
+      import tensorflow as tf
+      from engine import xla_cpu
+      os.environ['XLA_FLAGS'] = '--xla_dump_to={dump}'
+      assert xla_cpu.configure_ynn_fusions({enabled}) is {enabled}
+      f = tf.function(lambda x: tf.reduce_sum(tf.exp(x), axis=1), jit_compile=True)
+      print(float(f(tf.ones([256, 784]))[0]))
+      """)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('XLA_FLAGS', None)
+  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  hlo = [p for p in os.listdir(dump) if p.endswith('after_optimizations.txt')]
+  assert hlo, sorted(os.listdir(dump))[:10]
+  fused = sum((dump / p).read_text().count('__ynn_fusion') for p in hlo)
+  assert (fused > 0) == enabled, fused
