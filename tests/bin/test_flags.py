@@ -2,6 +2,7 @@
 flags they are not given from the config recorded in --model_dir."""
 import dataclasses
 import json
+import os
 
 from absl.testing import flagsaver
 import pytest
@@ -158,3 +159,16 @@ def test_a_recorded_value_that_no_longer_validates_names_the_record(parsed_flags
       flag_lib.recorded_experiment_config()
   assert 'comes from' not in str(typed.value)
   assert str(typed.value).startswith('--kl_warmup_steps=-5: must be')
+
+
+@pytest.mark.parametrize('keep', [False, True])
+def test_strategy_applies_the_xla_cpu_flags_before_anything_compiles(parsed_flags, monkeypatch,
+                                                                    keep):
+  """--xla_cpu_ynn_fusions (default off) and --xla_cpu_vector_width reach XLA_FLAGS
+  when the binaries resolve their strategy."""
+  monkeypatch.setenv('XLA_FLAGS', '--xla_dump_hlo_as_text')
+  with flagsaver.flagsaver(xla_cpu_ynn_fusions=keep, xla_cpu_vector_width='256'):
+    flag_lib.strategy()
+  tokens = os.environ['XLA_FLAGS'].split()
+  assert '--xla_cpu_prefer_vector_width=256' in tokens
+  assert ('--xla_cpu_experimental_ynn_fusion_type=' in tokens) == (not keep)

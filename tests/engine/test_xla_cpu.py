@@ -65,24 +65,32 @@ def test_an_unknown_width_is_a_config_error():
     xla_cpu.configure('1024', environ={})
 
 
-def test_xla_compiles_with_the_width_set_after_tensorflow_is_imported(tmp_path):
-  """The flag only works if XLA reads XLA_FLAGS at its first compilation, not at import."""
-  dump = tmp_path / 'dump'
+def _compile_in_a_new_process(dump, configure, fn, arg):
+  """Runs `configure` (source using xla_cpu) after importing TensorFlow, then compiles
+  and calls `fn` on `arg` under XLA in a fresh Python, XLA dumping to `dump`."""
   script = textwrap.dedent(f"""
       import os, sys
       sys.path.insert(0, {_REPO!r})
       import tensorflow as tf
       from engine import xla_cpu
       os.environ['XLA_FLAGS'] = '--xla_dump_to={dump}'
-      assert xla_cpu.configure('512') == 512
-      f = tf.function(lambda x: tf.exp(x) * 2.0, jit_compile=True)
-      print(float(f(tf.ones([64]))[0]))
+      {configure}
+      f = tf.function({fn}, jit_compile=True)
+      print(float(tf.reshape(f({arg}), [-1])[0]))
       """)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
   env.pop('XLA_FLAGS', None)
   result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
                           text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
+  assert os.listdir(dump)
+
+
+def test_xla_compiles_with_the_width_set_after_tensorflow_is_imported(tmp_path):
+  """The flag only works if XLA reads XLA_FLAGS at its first compilation, not at import."""
+  dump = tmp_path / 'dump'
+  _compile_in_a_new_process(dump, "assert xla_cpu.configure('512') == 512",
+                            'lambda x: tf.exp(x) * 2.0', 'tf.ones([64])')
   options = [p for p in os.listdir(dump) if p.endswith('.debug_options')]
   assert options, sorted(os.listdir(dump))[:10]
   text = (dump / options[0]).read_text()
@@ -113,21 +121,9 @@ def test_xla_makes_ynn_fusions_only_when_they_are_on(tmp_path, enabled):
   """A reduction is a YNNPACK fusion under XLA's default and not once they are off
   (so the flag is the one this XLA reads, and it is read at the first compilation)."""
   dump = tmp_path / 'dump'
-  script = textwrap.dedent(f"""
-      import os, sys
-      sys.path.insert(0, {_REPO!r})
-      import tensorflow as tf
-      from engine import xla_cpu
-      os.environ['XLA_FLAGS'] = '--xla_dump_to={dump}'
-      assert xla_cpu.configure_ynn_fusions({enabled}) is {enabled}
-      f = tf.function(lambda x: tf.reduce_sum(tf.exp(x), axis=1), jit_compile=True)
-      print(float(f(tf.ones([256, 784]))[0]))
-      """)
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-  env.pop('XLA_FLAGS', None)
-  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
-  assert result.returncode == 0, result.stderr[-2000:]
+  _compile_in_a_new_process(
+      dump, f'assert xla_cpu.configure_ynn_fusions({enabled}) is {enabled}',
+      'lambda x: tf.reduce_sum(tf.exp(x), axis=1)', 'tf.ones([256, 784])')
   hlo = [p for p in os.listdir(dump) if p.endswith('after_optimizations.txt')]
   assert hlo, sorted(os.listdir(dump))[:10]
   fused = sum((dump / p).read_text().count('__ynn_fusion') for p in hlo)
