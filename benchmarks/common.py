@@ -27,9 +27,9 @@ from engine import xla_cpu
 flags.DEFINE_enum('xla_cpu_vector_width', 'auto', list(xla_cpu.VECTOR_WIDTHS),
                   "XLA:CPU's preferred vector width (engine/xla_cpu.py); auto: 512 on a "
                   'CPU with AVX-512. Applies to every variant of the run alike.')
-flags.DEFINE_boolean('xla_cpu_ynn_fusions', False,
-                     "Keep XLA:CPU's YNNPACK fusions (engine/xla_cpu.py; off by default, "
-                     'as in bin/). Applies to every variant of the run alike.')
+flags.DEFINE_boolean('xla_cpu_ynn_fusions', True,
+                     "XLA:CPU's YNNPACK fusions (XLA's default, as in bin/; "
+                     'engine/xla_cpu.py). Applies to every variant of the run alike.')
 
 
 # --------------------------------------------------------------------------- machine

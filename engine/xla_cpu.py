@@ -12,11 +12,13 @@ XLA reads `XLA_FLAGS` once, when it first compiles, so `configure` must run befo
 the first XLA compilation of the process (bin/ calls it where it resolves the
 strategy). It never overrides a width already in `XLA_FLAGS`.
 
-`configure_ynn_fusions` turns off the YNNPACK fusions XLA:CPU makes by default (in
-TF 2.21 they took, among others, the sums over pixels and batch and the bias
-gradients). On the 2-core AVX-512 machine of benchmarks/RESULTS.md ("Session 28"),
-without them the default VAE's XLA training step ran 1.01-1.42x as fast at batch
-2048 in six alternated pairs of runs, and the same within the runs' spread at 128.
+`configure_ynn_fusions(False)` turns off the YNNPACK fusions XLA:CPU makes by
+default (in TF 2.21 they took, among others, the sums over pixels and batch and the
+bias gradients). On the 2-core AVX-512 machine of benchmarks/RESULTS.md ("Session
+28"), without them the relu VAE's XLA training step ran 1.01-1.42x as fast at batch
+2048 in six alternated pairs of runs, but no faster at batch 128 (the default), nor
+the gated default's in bin.train; so bin/ keeps XLA's default unless asked
+(`--noxla_cpu_ynn_fusions`).
 """
 import os
 
@@ -75,7 +77,7 @@ def configure(vector_width='auto', *, environ=None, cpuinfo_path='/proc/cpuinfo'
   return int(vector_width)
 
 
-def configure_ynn_fusions(enabled=False, *, environ=None):
+def configure_ynn_fusions(enabled=True, *, environ=None):
   """Leaves XLA:CPU's YNNPACK fusions on (`enabled`) or turns them off, through
   XLA_FLAGS, for the rest of the process (before its first XLA compilation).
 

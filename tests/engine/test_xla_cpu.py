@@ -97,7 +97,7 @@ def test_xla_compiles_with_the_width_set_after_tensorflow_is_imported(tmp_path):
   assert 'xla_cpu_prefer_vector_width: 512' in text, text
 
 
-def test_ynn_fusions_are_turned_off_unless_asked_for():
+def test_ynn_fusions_are_turned_off_only_when_asked():
   environ = {'XLA_FLAGS': '--xla_dump_to=/tmp/x'}
   assert xla_cpu.configure_ynn_fusions(False, environ=environ) is False
   assert environ['XLA_FLAGS'] == '--xla_dump_to=/tmp/x --xla_cpu_experimental_ynn_fusion_type='
