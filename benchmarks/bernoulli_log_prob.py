@@ -27,7 +27,7 @@ from absl import flags
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from engine import xla_cpu
+from benchmarks import common
 from models import vae
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -36,8 +36,6 @@ flags.DEFINE_list('batch_sizes', ['128', '2048'], 'Batch sizes to time.')
 flags.DEFINE_integer('steps', 50, 'Calls per timed loop.')
 flags.DEFINE_integer('rounds', 5, 'Timed loops per cell, alternating the two '
                      'likelihoods; the best is reported.')
-flags.DEFINE_enum('xla_cpu_vector_width', 'auto', list(xla_cpu.VECTOR_WIDTHS),
-                  "XLA's vector width, as bin/train.py sets it (engine/xla_cpu.py).")
 
 LIKELIHOODS = {'tfd.Bernoulli': tfp.distributions.Bernoulli,
                'LogitBernoulli': vae.LogitBernoulli}
@@ -67,7 +65,7 @@ def make_loop(cls, logits, x, jit_compile):
 
 def main(argv):
   del argv
-  xla_cpu.configure(FLAGS.xla_cpu_vector_width)
+  common.configure_xla()  # --xla_cpu_vector_width, --xla_cpu_ynn_fusions, as in bin/
   print(f'TF {tf.__version__}, TFP {tfp.__version__}; {os.cpu_count()} CPU(s); '
         f'best of {FLAGS.rounds} loops of {FLAGS.steps} calls')
   print('| batch | backend | tfd.Bernoulli ms | LogitBernoulli ms | ratio |')

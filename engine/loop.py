@@ -245,8 +245,9 @@ class EvalLoop:
         return index + 1, {k: totals[k] + self._strategy.reduce(
             tf.distribute.ReduceOp.SUM, sums[k], axis=None) for k in self._keys}
 
-      index, totals = tf.cond(batch.has_value(), add, lambda: (index, totals))
-      return batch.has_value(), index, totals
+      more = batch.has_value()
+      index, totals = tf.cond(more, add, lambda: (index, totals))
+      return more, index, totals
 
     _, _, totals = tf.while_loop(
         lambda more, index, totals: more, body,

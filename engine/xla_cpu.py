@@ -41,6 +41,14 @@ def cpu_has_avx512(cpuinfo_path='/proc/cpuinfo'):
   return False
 
 
+def _value_in(xla_flags, flag):
+  """The value `flag` has in the XLA_FLAGS string (None when it is not there)."""
+  for token in xla_flags.split():
+    if token == flag or token.startswith(flag + '='):
+      return token.partition('=')[2]
+  return None
+
+
 def configure(vector_width='auto', *, environ=None, cpuinfo_path='/proc/cpuinfo'):
   """Adds `--xla_cpu_prefer_vector_width` to XLA_FLAGS for the rest of the process.
 
@@ -63,10 +71,9 @@ def configure(vector_width='auto', *, environ=None, cpuinfo_path='/proc/cpuinfo'
         f'{", ".join(VECTOR_WIDTHS)}.')
   environ = os.environ if environ is None else environ
   current = environ.get('XLA_FLAGS', '')
-  for token in current.split():
-    if token.startswith(_FLAG + '='):
-      value = token.split('=', 1)[1]
-      return int(value) if value.isdigit() else None
+  value = _value_in(current, _FLAG)
+  if value is not None:
+    return int(value) if value.isdigit() else None
   if vector_width == 'default':
     return None
   if vector_width == 'auto':
@@ -89,9 +96,9 @@ def configure_ynn_fusions(enabled=True, *, environ=None):
   """
   environ = os.environ if environ is None else environ
   current = environ.get('XLA_FLAGS', '')
-  for token in current.split():
-    if token == _YNN_FLAG or token.startswith(_YNN_FLAG + '='):
-      return bool(token.partition('=')[2])
+  value = _value_in(current, _YNN_FLAG)
+  if value is not None:
+    return bool(value)
   if enabled:
     return True
   environ['XLA_FLAGS'] = f'{current} {_YNN_FLAG}='.strip()
