@@ -138,15 +138,25 @@ def negative_elbo(distortion_, rate, kl_weight=1.0):
   return distortion_ + tf.cast(kl_weight, rate.dtype) * rate
 
 
+def importance_weight_terms(approx_posterior, latent_prior, likelihood_fn, x, z, log_q=None,
+                            prior_noise=None):
+  """The three terms of the log importance weights of samples z [K, B, d]:
+  (log p(x | z), log p(z), log q(z | x)), each [K, B]. `log_q`: optional log q(z)
+  (default `approx_posterior.log_prob(z)`); `prior_noise`: see `latent_log_prob` (the
+  weights are then those of joint samples (z, u) of a two-layer model)."""
+  log_q = approx_posterior.log_prob(z) if log_q is None else log_q
+  return (likelihood_fn(z).log_prob(x), latent_log_prob(latent_prior, z, prior_noise),
+          log_q)
+
+
 def log_importance_weights(approx_posterior, latent_prior, likelihood_fn, x, z, log_q=None,
                            prior_noise=None):
-  """log p(x, z) - log q(z | x) for samples z of shape [K, B, d]; returns [K, B].
-  `log_q`: optional log q(z) [K, B] (default `approx_posterior.log_prob(z)`);
-  `prior_noise`: see `latent_log_prob` (the weights are then those of joint samples
-  (z, u) of a two-layer model)."""
-  log_q = approx_posterior.log_prob(z) if log_q is None else log_q
-  return (likelihood_fn(z).log_prob(x) + latent_log_prob(latent_prior, z, prior_noise)
-          - log_q)
+  """log p(x, z) - log q(z | x) for samples z of shape [K, B, d]; returns [K, B]
+  (arguments as in `importance_weight_terms`)."""
+  log_px, log_pz, log_q = importance_weight_terms(
+      approx_posterior, latent_prior, likelihood_fn, x, z, log_q=log_q,
+      prior_noise=prior_noise)
+  return log_px + log_pz - log_q
 
 
 def iwae_bound(log_weights):

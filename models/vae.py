@@ -526,7 +526,9 @@ class VAE(tf.Module):
       (per_example_loss [B], regularization scalar, measurements) where
       measurements maps names to per-example [B] tensors ('elbo', 'rate',
       'distortion'; for IWAE also 'iwae') and `regularization` is a scalar counted
-      once globally (see `objectives.replica_loss`).
+      once globally (see `objectives.replica_loss`). For IWAE the ELBO's distortion
+      (and its Monte-Carlo rate) are those of the first importance sample, itself a
+      draw from q(z | x): no decoder pass beyond the K samples.
     """
     cfg = self.config
     noise = noise if noise is not None else sampling.Noise(seed)
@@ -537,29 +539,35 @@ class VAE(tf.Module):
     q = self.approx_posterior(x)
     batch = tf.shape(x)[0]
     d = cfg.latent_dim
-    eps = post_noise.normal([batch, d])
-    z = self.posterior_sample(q, eps)
-    distortion = objectives.distortion(likelihood(z), x)
-    regularization = tf.constant(0.0)
     prior = self.prior_distribution()
     # Its own stream, drawn only by the hierarchical prior: other runs keep their noise.
     prior_noise = noise.fold(objectives.PRIOR_NOISE_SALT)
-    if cfg.kl != 'regularizer':
-      rate = self.rate(q, prior, z, eps, prior_noise)
+    iwae = None
+    if cfg.objective == 'iwae':
+      eps_k = iw_noise.normal([cfg.num_iw_samples, batch, d], batch_axis=1)
+      log_px, log_pz, log_q = objectives.importance_weight_terms(
+          q, prior, likelihood, x, self.posterior_sample(q, eps_k),
+          log_q=objectives.reparameterized_log_prob(q, eps_k),
+          prior_noise=prior_noise.fold(1))
+      iwae = objectives.iwae_bound(log_px + log_pz - log_q)
+      distortion = -log_px[0]
+      rate = log_q[0] - log_pz[0] if cfg.kl == 'monte_carlo' else None
     else:
+      eps = post_noise.normal([batch, d])
+      z = self.posterior_sample(q, eps)
+      distortion = objectives.distortion(likelihood(z), x)
+      rate = self.rate(q, prior, z, eps, prior_noise) if cfg.kl == 'monte_carlo' else None
+    regularization = tf.constant(0.0)
+    if cfg.kl == 'regularizer':
       # The regularizer already averaged the KL over this replica's batch; the rate
       # per example is only for measurement.
       regularization = self.regularization_losses()
       rate = tf.fill(tf.shape(distortion), regularization)
+    elif rate is None:
+      rate = objectives.analytic_rate(q, prior)
     measurements = {'distortion': distortion, 'rate': rate,
                     'elbo': -(distortion + rate)}
-    if cfg.objective == 'iwae':
-      eps_k = iw_noise.normal([cfg.num_iw_samples, batch, d], batch_axis=1)
-      log_w = objectives.log_importance_weights(
-          q, prior, likelihood, x, self.posterior_sample(q, eps_k),
-          log_q=objectives.reparameterized_log_prob(q, eps_k),
-          prior_noise=prior_noise.fold(1))
-      iwae = objectives.iwae_bound(log_w)
+    if iwae is not None:
       measurements['iwae'] = iwae
       return -iwae, tf.constant(0.0), measurements
     if cfg.kl == 'regularizer':

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from engine import errors
+from engine import objectives
 from engine import sampling
 from models import vae
 
@@ -121,15 +122,22 @@ def test_training_loss_uses_dropout_and_a_rate_of_zero_keeps_the_old_noise(objec
   # noise comes from the same streams as before the option existed.
   post_noise, iw_noise = sampling.Noise(seed).split(2)
   q = whole.approx_posterior(x)
-  eps = post_noise.normal([6, LATENT])
-  z = whole.posterior_sample(q, eps)
-  distortion = -whole.likelihood(z).log_prob(x).numpy()
+  prior = whole.prior_distribution()
   if objective == 'elbo':
-    rate = whole.rate(q, whole.prior_distribution(), z, eps).numpy()
+    eps = post_noise.normal([6, LATENT])
+    z = whole.posterior_sample(q, eps)
+    distortion = -whole.likelihood(z).log_prob(x).numpy()
+    rate = whole.rate(q, prior, z, eps).numpy()
     np.testing.assert_allclose(loss_w, distortion + rate, rtol=1e-6)
   else:
+    # The K importance samples, the first of which gives the measured distortion.
+    eps = iw_noise.normal([4, 6, LATENT], batch_axis=1)
+    z = whole.posterior_sample(q, eps)
+    log_px = whole.likelihood(z).log_prob(x)
+    log_w = log_px + prior.log_prob(z) - objectives.reparameterized_log_prob(q, eps)
+    np.testing.assert_allclose(loss_w, -objectives.iwae_bound(log_w).numpy(), rtol=1e-6)
     terms = whole.loss_terms(x, kl_weight=1.0, seed=seed)[2]
-    np.testing.assert_allclose(terms['distortion'].numpy(), distortion, rtol=1e-6)
+    np.testing.assert_allclose(terms['distortion'].numpy(), -log_px[0].numpy(), rtol=1e-6)
 
 
 def test_pixelcnn_decoder_takes_dropout_and_every_variable_gets_a_gradient():
