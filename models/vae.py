@@ -545,26 +545,26 @@ class VAE(tf.Module):
     iwae = None
     if cfg.objective == 'iwae':
       eps_k = iw_noise.normal([cfg.num_iw_samples, batch, d], batch_axis=1)
+      z_k = self.posterior_sample(q, eps_k)
       log_px, log_pz, log_q = objectives.importance_weight_terms(
-          q, prior, likelihood, x, self.posterior_sample(q, eps_k),
-          log_q=objectives.reparameterized_log_prob(q, eps_k),
+          q, prior, likelihood, x, z_k, log_q=objectives.reparameterized_log_prob(q, eps_k),
           prior_noise=prior_noise.fold(1))
       iwae = objectives.iwae_bound(log_px + log_pz - log_q)
-      distortion = -log_px[0]
-      rate = log_q[0] - log_pz[0] if cfg.kl == 'monte_carlo' else None
+      eps, z, distortion = eps_k[0], z_k[0], -log_px[0]
     else:
       eps = post_noise.normal([batch, d])
       z = self.posterior_sample(q, eps)
       distortion = objectives.distortion(likelihood(z), x)
-      rate = self.rate(q, prior, z, eps, prior_noise) if cfg.kl == 'monte_carlo' else None
     regularization = tf.constant(0.0)
     if cfg.kl == 'regularizer':
       # The regularizer already averaged the KL over this replica's batch; the rate
       # per example is only for measurement.
       regularization = self.regularization_losses()
       rate = tf.fill(tf.shape(distortion), regularization)
-    elif rate is None:
-      rate = objectives.analytic_rate(q, prior)
+    elif iwae is not None and cfg.kl == 'monte_carlo':
+      rate = log_q[0] - log_pz[0]  # the first sample's, from the weights' own terms
+    else:
+      rate = self.rate(q, prior, z, eps, prior_noise)
     measurements = {'distortion': distortion, 'rate': rate,
                     'elbo': -(distortion + rate)}
     if iwae is not None:
