@@ -25,6 +25,10 @@ sync, and examples are counted from the step counter.
 The script also measures the machine's peak float32 matmul rate and reports the
 engine's FLOP rate against it (training FLOPs per example = 3 x forward FLOPs of
 the dense layers). `--batch_sizes` adds engine-only rows at other batch sizes.
+Last (`--step_parts`, on by default), it times the parts of the XLA step at
+--batch_size, each as its own program: the forward pass, forward and backward,
+the Adam update alone, the whole step, and a pass over the weights that shows
+how fast this machine moves memory (the Adam update is bound by it).
 
 Usage (from the repository root):
   .venv/bin/python benchmarks/throughput.py
@@ -96,6 +100,8 @@ flags.DEFINE_integer('matmul_trials', 10, 'Timed matmuls per peak measurement; t
                      'is measured before the burn-in and after every round, and the '
                      'best of all counts (other processes may share the CPU).')
 flags.DEFINE_integer('seed', 0, 'Seed of initialisation, data order and sampling.')
+flags.DEFINE_bool('step_parts', True, 'Also time the parts of the XLA step at '
+                  '--batch_size (forward, backward, Adam) and a memory reference.')
 
 # --------------------------------------------------------------------------- FLOPs
 
@@ -159,6 +165,98 @@ def measure_loop_overhead(data, batch_size, keys, *, steps=20000):
     float(train_loop(None, tf.constant(steps, tf.int64))[0]['loss'])
     best = min(best, (time.perf_counter() - tic) / steps)
   return best * 1e6
+
+
+def measure_step_parts(data, batch_size, *, calls, rounds, engine=None):
+  """Microseconds per call of the parts of the XLA training step, and a memory reference.
+
+  Each part is its own XLA program, called `calls` times in a `tf.while_loop` inside
+  one tf.function (as `TrainLoop` calls its step), the parts interleaved for `rounds`
+  rounds; returns {part: [us per call, one per round]} and the bytes the reference
+  and the Adam update move per call. On one fixed batch of the benchmark's relu VAE
+  with tf_keras Adam, like the variants:
+
+    forward           the loss (`negative_elbo_loss`);
+    forward+backward  the loss and its gradients, written to variables;
+    adam              the Adam update from those gradient variables;
+    full step         gradients and Adam in one program (the engine's replica step
+                      without its input, noise prefetch and measurements);
+    w += 0 * g        one read of the weights and of the gradients and one write of
+                      the weights: what this machine's memory moves per call;
+    engine step       `engine` (an engine variant, set up), `calls` steps of its
+                      TrainLoop per round, interleaved with the parts: what the
+                      engine adds to the full step (input, binarization noise,
+                      measurements, loop), measured in the same rounds.
+  """
+  model = make_vae(data, FLAGS.seed)
+  variables = model.trainable_variables
+  optimizer = tf_keras.optimizers.Adam(learning_rate=1e-3)
+  optimizer.build(variables)
+  grads = [tf.Variable(tf.zeros_like(v), trainable=False) for v in variables]
+  zero = tf.Variable(0.0, trainable=False)
+  step = tf.Variable(0, dtype=tf.int64, trainable=False)
+  rng = np.random.default_rng(FLAGS.seed)
+  images = data.train_images[:batch_size].astype(np.float32) / 255.0
+  x = tf.constant((rng.random(images.shape) < images).astype(np.float32))
+
+  def gradients():
+    with tf.GradientTape() as tape:
+      loss = negative_elbo_loss(model, x, step, seed=FLAGS.seed, batch_size=batch_size)
+    return loss, tape.gradient(loss, variables)
+
+  def forward():
+    return negative_elbo_loss(model, x, step, seed=FLAGS.seed, batch_size=batch_size)
+
+  def forward_backward():
+    loss, gs = gradients()
+    for buffer, g in zip(grads, gs):
+      buffer.assign(g)
+    return loss
+
+  def adam():
+    optimizer.apply_gradients(zip([g.read_value() for g in grads], variables),
+                              skip_gradients_aggregation=True)
+    return tf.constant(0.0)
+
+  def full_step():
+    loss, gs = gradients()
+    optimizer.apply_gradients(zip(gs, variables), skip_gradients_aggregation=True)
+    step.assign_add(1)
+    return loss
+
+  def reference():
+    for v, g in zip(variables, grads):
+      v.assign_add(zero * g)
+    return tf.constant(0.0)
+
+  parts = {'forward': forward, 'forward+backward': forward_backward, 'adam': adam,
+           'full step': full_step, 'w += 0 * g': reference}
+
+  def looped(fn):
+    compiled = tf.function(fn, jit_compile=True, autograph=False)
+
+    @tf.function(autograph=False)
+    def run():
+      return tf.while_loop(lambda i, total: i < calls,
+                           lambda i, total: (i + 1, total + compiled()),
+                           (tf.constant(0), tf.constant(0.0)))[1]
+    return run
+
+  runs = {name: looped(fn) for name, fn in parts.items()}
+  for run in runs.values():
+    float(run())  # trace and compile
+  if engine is not None:
+    runs['engine step'] = lambda: engine.run(calls)  # host-synced, returns the steps
+  times = {name: [] for name in runs}
+  for _ in range(rounds):
+    for name, run in runs.items():
+      tic = time.perf_counter()
+      float(run())
+      times[name].append(1e6 * (time.perf_counter() - tic) / calls)
+  weight_bytes = sum(4 * int(np.prod(v.shape)) for v in variables)
+  # Adam reads the weights, the gradients and both moments and writes back three.
+  moved = {'w += 0 * g': 3 * weight_bytes, 'adam': 7 * weight_bytes}
+  return times, moved
 
 
 # --------------------------------------------------------------------------- inputs
@@ -460,6 +558,7 @@ def main(argv):
   wall_start = time.perf_counter()
 
   common.configure_xla()  # before anything compiles: fit and the engine alike
+  common.quiet_retracing_warning()  # one tf.function per step part, each traced once
   print(f'date: {datetime.datetime.now().isoformat(timespec="seconds")}')
   print(f'machine: {os.cpu_count()} CPU(s) ({cpu_model()}), GPUs: '
         f'{len(tf.config.list_physical_devices("GPU"))}; TF {tf.__version__}, '
@@ -550,6 +649,23 @@ def main(argv):
     print(f'engine loop overhead (TrainLoop around an empty XLA step, best of 3 x 20,000 '
           f'steps): {overhead:.1f} us/step, {100 * overhead / step_us:.1f}% of '
           f"engine_xla's {step_us:.0f} us step at batch {FLAGS.batch_size}")
+  if FLAGS.step_parts:
+    times, moved = measure_step_parts(data, FLAGS.batch_size, calls=FLAGS.steps,
+                                      rounds=FLAGS.rounds,
+                                      engine=engine_xla[0] if engine_xla else None)
+    full = statistics.median(times['full step'])
+    rows = []
+    for name, values in times.items():
+      us = statistics.median(values)
+      rate = f'{moved[name] / us / 1e3:.1f}' if name in moved else ''
+      rows.append([name, f'{us:,.0f}', f'{min(values):,.0f}..{max(values):,.0f}',
+                   f'{100 * us / full:.0f}%', rate])
+    print()
+    print(f'Parts of the XLA step at batch {FLAGS.batch_size} (each its own program, '
+          f'{FLAGS.steps} calls per round, median of {FLAGS.rounds} rounds; GB/s for '
+          f'the parts bound by memory):')
+    print(format_table(['part', 'us per call (median)', 'min..max', 'of the full step',
+                        'GB/s moved'], rows))
   print()
   print(f'total wall time: {time.perf_counter() - wall_start:.0f} s')
 
