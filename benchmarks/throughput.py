@@ -199,13 +199,13 @@ def measure_step_parts(data, batch_size, *, calls, rounds, engine=None):
   images = data.train_images[:batch_size].astype(np.float32) / 255.0
   x = tf.constant((rng.random(images.shape) < images).astype(np.float32))
 
-  def gradients():
-    with tf.GradientTape() as tape:
-      loss = negative_elbo_loss(model, x, step, seed=FLAGS.seed, batch_size=batch_size)
-    return loss, tape.gradient(loss, variables)
-
   def forward():
     return negative_elbo_loss(model, x, step, seed=FLAGS.seed, batch_size=batch_size)
+
+  def gradients():
+    with tf.GradientTape() as tape:
+      loss = forward()
+    return loss, tape.gradient(loss, variables)
 
   def forward_backward():
     loss, gs = gradients()
